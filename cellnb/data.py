@@ -1,0 +1,519 @@
+"""Discover image samples in a data directory and feed them to Keras through tf.data.
+
+Three layouts are understood: split folders (``train|valid|test/<class>/``), class folders with
+a ``manifest.csv`` that assigns splits, and class folders alone (split here, seeded and
+stratified). Every file that is skipped is listed with its reason; nothing is dropped silently.
+This module does not audit duplicates or leakage (see ``cellnb.audit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cellnb.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+SPLIT_FOLDER_NAMES = {
+    "train": ("train", "training"),
+    "valid": ("valid", "val", "validation"),
+    "test": ("test", "testing"),
+}
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_SPLIT_COLUMNS = ("split", "source_split")
+MANIFEST_GROUP_COLUMNS = ("group", "patient_or_slide_id")
+IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx", "$recycle.bin", "icon\r"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+@dataclass
+class Discovery:
+    """The samples found under a data directory and every file left out, with the reason.
+
+    ``samples`` has one row per readable image: ``sample_id`` (path relative to the data root,
+    ``/`` separators), ``path`` (absolute), ``split``, ``label`` (class index), ``label_name``,
+    ``group``, ``sha256``, ``width``, ``height``, ``mode``, ``format``, plus any further columns
+    the manifest carries. ``skipped`` has ``sample_id``, ``split``, ``label_name`` and ``reason``
+    for unreadable images. ``ignored`` lists hidden and system entries that were never samples.
+    """
+
+    data_dir: Path
+    layout: str
+    classes: list[str]
+    samples: pd.DataFrame
+    skipped: pd.DataFrame
+    ignored: list[str] = field(default_factory=list)
+
+    def counts(self) -> pd.DataFrame:
+        """Return a table of image counts, one row per split and one column per class."""
+        table = pd.crosstab(self.samples["split"], self.samples["label_name"])
+        table = table.reindex(index=[s for s in SPLITS if s in set(self.samples["split"])], columns=self.classes)
+        return table.fillna(0).astype(int)
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.samples[self.samples["split"] == name].reset_index(drop=True)
+
+
+def is_ignored(name: str) -> bool:
+    """Return True for hidden and system entries (``.DS_Store``, ``.ipynb_checkpoints``, ``Thumbs.db``)."""
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def discover_samples(
+    data_dir: str | os.PathLike,
+    *,
+    classes: Sequence[str] = ("negative", "positive"),
+    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    skip_unreadable: bool = True,
+) -> Discovery:
+    """Find every sample under ``data_dir``, read its header and hash, and assign it a split.
+
+    Parameters
+    ----------
+    data_dir : path
+        The data root, in one of the three layouts described in the module docstring.
+    classes : sequence of two str
+        Class folder names; index 0 is the first, index 1 (the scored class) the second, in the
+        order given.
+    split_fractions : (train, valid, test)
+        Used only for class folders without split information.
+    seed : int
+        Seed of that split.
+    skip_unreadable : bool
+        If False, any unreadable image raises DataError; if True it is left out and listed in
+        ``Discovery.skipped``.
+    """
+    root = Path(data_dir).expanduser()
+    classes = _check_classes(classes)
+    if not root.is_dir():
+        raise DataError(f"data directory {str(root)!r} does not exist; pass the folder that holds your images")
+
+    layout = detect_layout(root)
+    ignored: list[str] = []
+    if layout == "split_folders":
+        candidates = _discover_split_folders(root, classes, ignored)
+    else:
+        candidates = _discover_class_folders(root, classes, ignored)
+        if layout == "manifest":
+            candidates = _apply_manifest(root, candidates, classes)
+
+    if candidates.empty:
+        raise DataError(f"no image files found under {str(root)!r}; expected class folders named {classes}")
+
+    candidates = _merge_manifest_columns(root, candidates) if layout == "split_folders" else candidates
+    inspected = _inspect_all(candidates)
+    readable = inspected["error"].isna()
+    skipped = inspected.loc[~readable, ["sample_id", "split", "label_name", "error"]].rename(columns={"error": "reason"})
+    samples = inspected.loc[readable].drop(columns=["error"]).reset_index(drop=True)
+
+    if len(skipped) and not skip_unreadable:
+        listing = "; ".join(f"{row.sample_id}: {row.reason}" for row in skipped.head(10).itertuples())
+        raise DataError(
+            f"{len(skipped)} file(s) under {str(root)!r} cannot be decoded as images ({listing}); "
+            f"remove or repair them, or set skip_unreadable=True to train without them"
+        )
+
+    if "split" not in samples or samples["split"].eq("").all():
+        samples["split"] = assign_splits(samples, fractions=split_fractions, seed=seed)
+
+    samples = samples.sort_values(["split", "label", "sample_id"], key=_split_order).reset_index(drop=True)
+    _check_splits(samples, classes, root)
+    for row in skipped.itertuples():
+        logger.warning("skipped unreadable file %s: %s", row.sample_id, row.reason)
+    return Discovery(
+        data_dir=root.resolve(),
+        layout=layout,
+        classes=classes,
+        samples=samples,
+        skipped=skipped.reset_index(drop=True),
+        ignored=sorted(ignored),
+    )
+
+
+def detect_layout(root: Path) -> str:
+    """Return ``split_folders``, ``manifest`` or ``class_folders`` for the data root."""
+    names = {entry.name.lower() for entry in root.iterdir() if entry.is_dir() and not is_ignored(entry.name)}
+    if any(alias in names for alias in SPLIT_FOLDER_NAMES["train"]):
+        return "split_folders"
+    if (root / MANIFEST_NAME).is_file():
+        return "manifest"
+    return "class_folders"
+
+
+def _check_classes(classes: Sequence[str]) -> list[str]:
+    if isinstance(classes, str) or len(classes) != 2:
+        raise DataError(
+            f"classes must name exactly two class folders, negative first and scored class second, "
+            f"for example ['negative', 'positive']; got {classes!r}"
+        )
+    classes = [str(name) for name in classes]
+    if classes[0] == classes[1]:
+        raise DataError(f"classes must be two different folder names; got {classes!r}")
+    return classes
+
+
+def _find_split_folder(root: Path, split: str) -> Path | None:
+    entries = {entry.name.lower(): entry for entry in root.iterdir() if entry.is_dir() and not is_ignored(entry.name)}
+    for alias in SPLIT_FOLDER_NAMES[split]:
+        if alias in entries:
+            return entries[alias]
+    return None
+
+
+def _discover_split_folders(root: Path, classes: list[str], ignored: list[str]) -> pd.DataFrame:
+    frames = []
+    for split in SPLITS:
+        folder = _find_split_folder(root, split)
+        if folder is None:
+            if split == "test":
+                continue
+            names = " or ".join(f"{alias}/" for alias in SPLIT_FOLDER_NAMES[split])
+            raise DataError(f"{str(root)!r} has a train/ folder but no {names}; add the {split} split or use class folders only")
+        frame = _list_class_files(folder, classes, ignored, root)
+        frame["split"] = split
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _discover_class_folders(root: Path, classes: list[str], ignored: list[str]) -> pd.DataFrame:
+    frame = _list_class_files(root, classes, ignored, root)
+    frame["split"] = ""
+    return frame
+
+
+def _list_class_files(folder: Path, classes: list[str], ignored: list[str], root: Path) -> pd.DataFrame:
+    entries = sorted(folder.iterdir(), key=lambda entry: entry.name)
+    folders = {}
+    for entry in entries:
+        if is_ignored(entry.name):
+            ignored.append(_relative_id(entry, root))
+        elif entry.is_dir():
+            folders[entry.name] = entry
+    missing = [name for name in classes if name not in folders]
+    if missing:
+        raise DataError(
+            f"{_relative_id(folder, root) or '.'}/ has no class folder {missing[0]!r}; found {sorted(folders) or 'none'}; "
+            f"create it or pass the actual folder names with `classes`"
+        )
+
+    unknown = sorted(set(folders) - set(classes))
+    if unknown:
+        raise DataError(
+            f"{_relative_id(folder, root) or '.'}/ holds folders {unknown} that are not among classes {classes}; "
+            f"pass the class folder names with the `classes` parameter (negative first, scored class second), "
+            f"or move the extra folders out of the data directory"
+        )
+    rows = []
+    for label, name in enumerate(classes):
+        for path in _walk_files(folders[name], ignored, root):
+            rows.append({"sample_id": _relative_id(path, root), "path": str(path.resolve()), "label": label, "label_name": name})
+    return pd.DataFrame(rows, columns=["sample_id", "path", "label", "label_name"])
+
+
+def _walk_files(folder: Path, ignored: list[str], root: Path) -> list[Path]:
+    files = []
+    for current, subfolders, names in os.walk(folder):
+        current = Path(current)
+        for name in sorted(subfolders):
+            if is_ignored(name):
+                ignored.append(_relative_id(current / name, root) + "/")
+        subfolders[:] = sorted(name for name in subfolders if not is_ignored(name))
+        for name in sorted(names):
+            if is_ignored(name):
+                ignored.append(_relative_id(current / name, root))
+            else:
+                files.append(current / name)
+    return files
+
+
+def _relative_id(path: Path, root: Path) -> str:
+    relative = Path(os.path.relpath(path, root))
+    return "" if str(relative) == "." else PurePosixPath(*relative.parts).as_posix()
+
+
+def read_manifest(root: Path) -> pd.DataFrame:
+    """Read ``manifest.csv`` and normalise its split and group column names to ``split`` and ``group``."""
+    manifest_path = root / MANIFEST_NAME
+    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    if "path" not in manifest.columns:
+        raise DataError(f"{manifest_path} has no `path` column; its columns are {list(manifest.columns)}")
+    for column in MANIFEST_SPLIT_COLUMNS:
+        if column in manifest.columns and "split" not in manifest.columns:
+            manifest = manifest.rename(columns={column: "split"})
+    for column in MANIFEST_GROUP_COLUMNS:
+        if column in manifest.columns and "group" not in manifest.columns:
+            manifest = manifest.rename(columns={column: "group"})
+    manifest["path"] = manifest["path"].map(lambda value: PurePosixPath(value.replace("\\", "/")).as_posix())
+    return manifest
+
+
+def _apply_manifest(root: Path, candidates: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    manifest = read_manifest(root)
+    if "split" in manifest.columns:
+        manifest["split"] = manifest["split"].map(lambda value: _normalise_split(value, root))
+    if "label" in manifest.columns:
+        manifest["manifest_label"] = manifest["label"].map(lambda value: _label_index(value, classes, root))
+        manifest = manifest.drop(columns=["label"])
+    merged = candidates.drop(columns=["split"]).merge(manifest, how="left", left_on="sample_id", right_on="path", suffixes=("", "_manifest"))
+    merged = merged.drop(columns=["path_manifest"])
+
+    unlisted = merged["split"].isna() if "split" in merged.columns else pd.Series(False, index=merged.index)
+    if "split" in merged.columns and unlisted.any():
+        examples = ", ".join(merged.loc[unlisted, "sample_id"].head(3))
+        raise DataError(
+            f"{unlisted.sum()} image(s) are not listed in {root / MANIFEST_NAME} (for example {examples}); "
+            f"add them with their split, or remove them from the class folders"
+        )
+    if "manifest_label" in merged.columns:
+        disagree = merged["manifest_label"].notna() & (merged["manifest_label"] != merged["label"])
+        if disagree.any():
+            examples = ", ".join(merged.loc[disagree, "sample_id"].head(3))
+            raise DataError(
+                f"{disagree.sum()} image(s) sit in one class folder but carry the other label in "
+                f"{root / MANIFEST_NAME} (for example {examples}); fix the folder or the manifest"
+            )
+        merged = merged.drop(columns=["manifest_label"])
+    if "split" not in merged.columns:
+        merged["split"] = ""
+    return merged
+
+
+def _merge_manifest_columns(root: Path, candidates: pd.DataFrame) -> pd.DataFrame:
+    """Carry a split-folder layout's optional manifest columns (group, true label, ...) into the table."""
+    if not (root / MANIFEST_NAME).is_file():
+        return candidates
+    manifest = read_manifest(root)
+    extra = [column for column in manifest.columns if column not in {"split", "label", "label_name", "sample_id"}]
+    merged = candidates.merge(manifest[extra], how="left", left_on="sample_id", right_on="path", suffixes=("", "_manifest"))
+    return merged.drop(columns=["path_manifest"])
+
+
+def _normalise_split(value: str, root: Path) -> str:
+    lowered = str(value).strip().lower()
+    for split, aliases in SPLIT_FOLDER_NAMES.items():
+        if lowered in aliases:
+            return split
+    if lowered == "":
+        return ""
+    raise DataError(f"{root / MANIFEST_NAME} has split {value!r}; valid splits are train, valid (or val, validation) and test")
+
+
+def _label_index(value: str, classes: list[str], root: Path) -> int:
+    text = str(value).strip()
+    if text in classes:
+        return classes.index(text)
+    if text in {"0", "1"}:
+        return int(text)
+    raise DataError(f"{root / MANIFEST_NAME} has label {value!r}; valid labels are {classes} or 0 and 1")
+
+
+def inspect_image(path: str | os.PathLike) -> dict:
+    """Hash a file and decode it fully; return its ``sha256``, size, mode and format, or the error."""
+    info = {"sha256": "", "width": 0, "height": 0, "mode": "", "format": "", "error": None}
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        info["error"] = f"cannot be read: {error.strerror or error}"
+        return info
+    info["sha256"] = hashlib.sha256(data).hexdigest()
+    if not data:
+        info["error"] = "empty file (0 bytes)"
+        return info
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            info.update(width=image.width, height=image.height, mode=image.mode, format=image.format or "")
+    except UnidentifiedImageError:
+        info["error"] = "not an image that Pillow can identify"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        info["error"] = f"cannot be decoded: {error}"
+    return info
+
+
+def _inspect_all(candidates: pd.DataFrame) -> pd.DataFrame:
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        infos = list(pool.map(inspect_image, candidates["path"]))
+    table = pd.DataFrame(infos, index=candidates.index)
+    inspected = pd.concat([candidates, table], axis=1)
+    if "group" not in inspected.columns:
+        inspected["group"] = ""
+    inspected["group"] = inspected["group"].fillna("").astype(str)
+    return inspected
+
+
+def assign_splits(samples: pd.DataFrame, *, fractions: Sequence[float], seed: int) -> pd.Series:
+    """Assign train, valid and test to samples without a split, stratified by class and seeded.
+
+    Where groups (patients or slides) are known, whole groups go to one split, so no group is
+    on both sides; the fractions are then met as closely as whole groups allow.
+    """
+    fractions = np.asarray(fractions, dtype=float)
+    if fractions.shape != (3,) or (fractions < 0).any() or not np.isclose(fractions.sum(), 1.0) or fractions[:2].min() <= 0:
+        raise DataError(
+            f"split_fractions must be three non-negative numbers (train, valid, test) that sum to 1, "
+            f"with train and valid above 0; got {list(fractions)}"
+        )
+    rng = np.random.default_rng(seed)
+    result = pd.Series("", index=samples.index, dtype=object)
+    has_groups = samples["group"].astype(str).ne("").any()
+    for label in sorted(samples["label"].unique()):
+        members = samples[samples["label"] == label]
+        if has_groups:
+            units = members.groupby(members["group"].where(members["group"] != "", members["sample_id"])).groups
+            keys = sorted(units)
+        else:
+            units = {sample_id: [index] for sample_id, index in zip(members["sample_id"], members.index)}
+            keys = sorted(units)
+        order = rng.permutation(len(keys))
+        total = len(members)
+        targets = np.cumsum(fractions) * total
+        taken = 0
+        for position in order:
+            indices = list(units[keys[position]])
+            split = SPLITS[int(np.searchsorted(targets, taken, side="right"))] if taken < total else "test"
+            result.loc[indices] = split
+            taken += len(indices)
+    # NOTE: with groups, a group that holds both classes is placed once per class; such a group
+    # can end up on two sides. The split audit reports group leakage when it happens.
+    return result
+
+
+def _split_order(column: pd.Series) -> pd.Series:
+    if column.name == "split":
+        return column.map({name: position for position, name in enumerate(SPLITS)})
+    return column
+
+
+def _check_splits(samples: pd.DataFrame, classes: list[str], root: Path) -> None:
+    for split in ("train", "valid"):
+        subset = samples[samples["split"] == split]
+        if subset.empty:
+            raise DataError(f"no readable images in the {split} split under {str(root)!r}; every run needs train and valid images")
+        for label, name in enumerate(classes):
+            count = int((subset["label"] == label).sum())
+            if count < 2:
+                raise DataError(
+                    f"the {split} split has {count} readable image(s) of class {name!r}; "
+                    f"a binary split needs at least 2 images of each of {classes}"
+                )
+
+
+def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """Decode any image mode to RGB uint8 of shape (image_size, image_size, 3).
+
+    16-bit and float images are scaled to 0-255 by their type's range, not clipped; an alpha
+    channel is composited onto white, as microscopy backgrounds are bright; EXIF orientation
+    is applied.
+    """
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" else (65535.0 if values.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0)
+        scaled = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def describe_conversion(mode: str) -> str:
+    """Say in words what ``load_image`` does to an image of this Pillow mode."""
+    if mode == "RGB":
+        return "none"
+    if mode in SIXTEEN_BIT_MODES:
+        return f"{mode}: scaled from its type's range to 0-255 and copied to three channels"
+    if mode in ("RGBA", "LA", "PA"):
+        return f"{mode}: alpha composited onto white, then RGB"
+    if mode in ("L", "1"):
+        return f"{mode}: grey level copied to three channels"
+    if mode == "P":
+        return "P: palette expanded to RGB"
+    if mode == "CMYK":
+        return "CMYK: converted to RGB by Pillow"
+    return f"{mode}: converted to RGB by Pillow"
+
+
+def make_dataset(
+    samples: pd.DataFrame,
+    *,
+    image_size: int,
+    batch_size: int,
+    preprocess=None,
+    shuffle: bool = False,
+    seed: int = 0,
+):
+    """Build a batched ``tf.data.Dataset`` of ``{"sample_id", "image", "label"}`` dictionaries.
+
+    Images are decoded from disk every pass, so memory stays bounded by the batch, not the data
+    set. ``preprocess`` maps a float32 batch of RGB values in 0-255 to what the model expects.
+    Each batch carries its sample ids, so consumers key results by ``sample_id`` and never rely
+    on iteration order.
+    """
+    import tensorflow as tf
+
+    frame = samples.reset_index(drop=True)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {
+            "sample_id": frame["sample_id"].astype(str).to_numpy(),
+            "path": frame["path"].astype(str).to_numpy(),
+            "label": frame["label"].astype(np.int32).to_numpy(),
+        }
+    )
+    if shuffle:
+        dataset = dataset.shuffle(len(frame), seed=seed, reshuffle_each_iteration=True)
+
+    def decode(path):
+        return load_image(path.decode("utf-8"), image_size)
+
+    def load(element):
+        image = tf.numpy_function(decode, [element["path"]], tf.uint8, stateful=False)
+        image.set_shape((image_size, image_size, 3))
+        return {"sample_id": element["sample_id"], "image": image, "label": element["label"]}
+
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(batch_size)
+
+    def finish(batch):
+        images = tf.cast(batch["image"], tf.float32)
+        if preprocess is not None:
+            images = preprocess(images)
+        return {"sample_id": batch["sample_id"], "image": images, "label": batch["label"]}
+
+    return dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def model_inputs(dataset, *, head: str):
+    """Map a ``make_dataset`` dataset to ``(image, label)`` pairs in the label format the head needs.
+
+    ``softmax2`` takes integer class indices (sparse categorical cross-entropy); ``sigmoid1``
+    takes float labels of shape (batch, 1) (binary cross-entropy).
+    """
+    import tensorflow as tf
+
+    if head == "sigmoid1":
+        return dataset.map(lambda batch: (batch["image"], tf.cast(tf.expand_dims(batch["label"], -1), tf.float32)))
+    return dataset.map(lambda batch: (batch["image"], batch["label"]))

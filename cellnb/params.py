@@ -1,0 +1,232 @@
+"""Declared parameters of each notebook: name, type, default, allowed values, and their checks.
+
+The same declarations check values from the notebook's ``parameters`` cell, from papermill
+``-p``, from ``cellnb run -p NAME VALUE`` and from a YAML file, so every route gets the same
+error for the same mistake. Text from the command line is parsed here and never evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cellnb.errors import ParameterError
+
+TRUE_WORDS = {"true", "yes", "on", "1"}
+FALSE_WORDS = {"false", "no", "off", "0"}
+NONE_WORDS = {"none", "null", ""}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One notebook parameter: its type (``str``, ``int``, ``float``, ``bool``, ``list``), default and checks."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    optional: bool = False
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    check: Callable[[Any], str | None] | None = field(default=None, compare=False)
+
+    @property
+    def expected(self) -> str:
+        text = self.kind.__name__
+        if self.choices:
+            text += f" among {list(self.choices)}"
+        if self.minimum is not None or self.maximum is not None:
+            low = "-inf" if self.minimum is None else self.minimum
+            high = "inf" if self.maximum is None else self.maximum
+            text += f" in [{low}, {high}]"
+        return text + (" or None" if self.optional else "")
+
+
+def _two_names(value) -> str | None:
+    if len(value) != 2 or not all(isinstance(item, str) and item for item in value) or value[0] == value[1]:
+        return "two different class folder names, negative first and scored class second"
+    return None
+
+
+def _fractions(value) -> str | None:
+    if len(value) != 3 or not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value):
+        return "three numbers: train, valid and test fractions"
+    if min(value) < 0 or not math.isclose(sum(value), 1.0, abs_tol=1e-6) or min(value[:2]) <= 0:
+        return "three non-negative fractions summing to 1, with train and valid above 0"
+    return None
+
+
+RUN_DIR = Parameter("run_dir", str, "outputs/demo", "folder the run writes to (notebooks 02 and 03 read it)")
+
+TRAIN = (
+    Parameter("data_dir", str, "", "image folder; empty = generate the built-in synthetic cells into RUN_DIR/data"),
+    RUN_DIR,
+    Parameter("classes", list, ["negative", "positive"], "class folder names; the second is the scored class", check=_two_names),
+    Parameter("backbone", str, "small_cnn", "feature extractor", choices=("small_cnn", "vgg16", "mobilenet_v2", "resnet50")),
+    Parameter("weights", str, None, "'imagenet', a local weights file path, or None for random weights", optional=True),
+    Parameter("head", str, "softmax2", "classifier head", choices=("softmax2", "sigmoid1")),
+    Parameter("preprocessing", str, "auto", "input encoding; auto = the backbone's own",
+              choices=("auto", "vgg16", "mobilenet_v2", "resnet50", "rescale", "none")),
+    Parameter("image_size", int, 96, "images are resized to IMAGE_SIZE x IMAGE_SIZE pixels", minimum=16, maximum=1024),
+    Parameter("epochs", int, 30, "number of training epochs", minimum=1, maximum=10000),
+    Parameter("batch_size", int, 32, "images per batch", minimum=1, maximum=4096),
+    Parameter("learning_rate", float, 1e-3, "optimizer step size", minimum=1e-9, maximum=10.0),
+    Parameter("optimizer", str, "adam", "optimizer", choices=("adam", "sgd", "rmsprop")),
+    Parameter("trainable_layers", int, 0, "last backbone layers to train; 0 = frozen, -1 = all", minimum=-1),
+    Parameter("dropout", float, 0.2, "dropout rate before the head", minimum=0.0, maximum=0.95),
+    Parameter("seed", int, 0, "seed for the split, the synthetic data, shuffling and initial weights", minimum=0),
+    Parameter("split_fractions", list, [0.7, 0.15, 0.15], "train, valid, test fractions for class folders without splits",
+              check=_fractions),
+    Parameter("skip_unreadable", bool, True, "train without files that cannot be decoded (they are listed)"),
+    Parameter("record_train", bool, True, "also record training samples' probabilities each epoch (inference mode)"),
+)
+
+INSPECT = (
+    RUN_DIR,
+    Parameter("thumbnails_per_class", int, 12, "validation thumbnails shown per class", minimum=0, maximum=200),
+    Parameter("top_k", int, 10, "how many most-changed samples to list", minimum=1, maximum=1000),
+)
+
+EXPLAIN = (
+    RUN_DIR,
+    Parameter("epoch_from", int, 0, "first epoch of the comparison; 0 = epoch of minimum validation loss", minimum=0),
+    Parameter("epoch_to", int, 0, "second epoch of the comparison; 0 = last epoch", minimum=0),
+    Parameter("calibration_bins", int, 10, "equal-width bins of the reliability diagram", minimum=2, maximum=100),
+    Parameter("top_k", int, 10, "how many top contributors to show", minimum=1, maximum=1000),
+)
+
+NOTEBOOKS = {
+    "01_train": TRAIN,
+    "02_inspect_validation": INSPECT,
+    "03_explain_loss": EXPLAIN,
+}
+
+
+def declared(notebook: str) -> dict[str, Parameter]:
+    if notebook not in NOTEBOOKS:
+        raise ParameterError(f"unknown notebook {notebook!r}; valid notebooks are {sorted(NOTEBOOKS)}")
+    return {parameter.name: parameter for parameter in NOTEBOOKS[notebook]}
+
+
+def all_parameters() -> dict[str, Parameter]:
+    """Return every parameter any notebook declares, by name (shared names have one declaration)."""
+    merged: dict[str, Parameter] = {}
+    for parameters in NOTEBOOKS.values():
+        for parameter in parameters:
+            merged.setdefault(parameter.name, parameter)
+    return merged
+
+
+def check_parameters(notebook: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a notebook's parameter values and return them typed, in declaration order.
+
+    ``values`` may be the notebook's ``globals()``; names that the notebook does not declare are
+    ignored there. A value of the wrong type raises ParameterError naming the parameter, the
+    value received and the type expected. Text that papermill passed for a bool or a list
+    (``"false"``, ``"[1, 2]"``) is parsed as the command line would.
+    """
+    checked = {}
+    for name, parameter in declared(notebook).items():
+        value = values.get(name, parameter.default)
+        checked[name] = coerce_value(parameter, value)
+    return checked
+
+
+def parse_text(parameter: Parameter, text: str) -> Any:
+    """Parse a command-line string into the parameter's type, strictly; strings stay verbatim."""
+    if parameter.optional and text.strip().lower() in NONE_WORDS:
+        return None
+    if parameter.kind is str:
+        return text
+    if parameter.kind is bool:
+        lowered = text.strip().lower()
+        if lowered in TRUE_WORDS:
+            return True
+        if lowered in FALSE_WORDS:
+            return False
+        raise _mismatch(parameter, text)
+    if parameter.kind is int:
+        try:
+            return int(text.strip(), 10)
+        except ValueError:
+            raise _mismatch(parameter, text) from None
+    if parameter.kind is float:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise _mismatch(parameter, text) from None
+    if parameter.kind is list:
+        return _parse_list(parameter, text)
+    raise _mismatch(parameter, text)
+
+
+def _parse_list(parameter: Parameter, text: str) -> list:
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+        except ValueError:
+            raise ParameterError(
+                f"parameter {parameter.name!r} received {text!r}, which is not a JSON list; "
+                f"write it as [\"a\", \"b\"] or as comma-separated values a,b"
+            ) from None
+        return value
+    items = [item.strip() for item in stripped.split(",")]
+    return [_number_or_text(item) for item in items]
+
+
+def _number_or_text(item: str):
+    for kind in (int, float):
+        try:
+            return kind(item)
+        except ValueError:
+            continue
+    return item
+
+
+def coerce_value(parameter: Parameter, value: Any) -> Any:
+    """Check a value that already has a Python type (notebook, papermill or YAML) and return it typed."""
+    if value is None:
+        if parameter.optional:
+            return None
+        raise _mismatch(parameter, value)
+    if isinstance(value, str) and parameter.kind is not str:
+        value = parse_text(parameter, value)
+    elif parameter.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif parameter.kind is list and isinstance(value, tuple):
+        value = list(value)
+
+    if parameter.kind is int and isinstance(value, bool):
+        raise _mismatch(parameter, value)
+    if not isinstance(value, parameter.kind) and not (value is None and parameter.optional):
+        raise _mismatch(parameter, value)
+    _check_range(parameter, value)
+    return value
+
+
+def _check_range(parameter: Parameter, value: Any) -> None:
+    if value is None:
+        return
+    if parameter.choices is not None and value not in parameter.choices:
+        raise ParameterError(f"parameter {parameter.name!r} received {value!r}; valid values are {list(parameter.choices)}")
+    if parameter.kind is float and not math.isfinite(value):
+        raise ParameterError(f"parameter {parameter.name!r} received {value!r}; expected a finite number")
+    if parameter.minimum is not None and value < parameter.minimum:
+        raise ParameterError(f"parameter {parameter.name!r} received {value!r}; expected {parameter.expected}")
+    if parameter.maximum is not None and value > parameter.maximum:
+        raise ParameterError(f"parameter {parameter.name!r} received {value!r}; expected {parameter.expected}")
+    if parameter.check is not None:
+        problem = parameter.check(value)
+        if problem:
+            raise ParameterError(f"parameter {parameter.name!r} received {value!r}; expected {problem}")
+
+
+def _mismatch(parameter: Parameter, value: Any) -> ParameterError:
+    return ParameterError(
+        f"parameter {parameter.name!r} received {value!r} ({type(value).__name__}); expected {parameter.expected}"
+    )

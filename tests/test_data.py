@@ -1,0 +1,216 @@
+"""Data discovery in the three layouts, hidden and unreadable files, class order, image modes, tf.data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cellnb import data
+from cellnb.errors import DataError
+
+from conftest import write_image, write_split_tree
+
+
+def test_split_folders_counts_and_ids(split_tree):
+    discovery = data.discover_samples(split_tree)
+
+    assert discovery.layout == "split_folders"
+    assert discovery.counts().to_dict() == {"negative": {"train": 6, "valid": 3, "test": 2}, "positive": {"train": 6, "valid": 3, "test": 2}}
+    assert "train/negative/img_000.png" in set(discovery.samples["sample_id"])
+    positives = discovery.samples[discovery.samples["label_name"] == "positive"]
+    assert set(positives["label"]) == {1}
+
+
+def test_split_folders_accept_val_alias_and_no_test(tmp_path):
+    root = write_split_tree(tmp_path / "d", {"train": (2, 2), "val": (2, 2)})
+
+    discovery = data.discover_samples(root)
+
+    assert sorted(set(discovery.samples["split"])) == ["train", "valid"]
+    assert (discovery.samples["split"] == "valid").sum() == 4
+
+
+def test_classes_order_given_is_kept(split_tree):
+    discovery = data.discover_samples(split_tree, classes=["positive", "negative"])
+
+    scored = discovery.samples[discovery.samples["label"] == 1]
+    assert set(scored["label_name"]) == {"negative"}
+    assert discovery.classes == ["positive", "negative"]
+
+
+def test_hidden_files_are_never_samples(split_tree):
+    (split_tree / "train" / "negative" / ".DS_Store").write_bytes(b"\x00\x01")
+    (split_tree / "train" / "positive" / "Thumbs.db").write_bytes(b"\x00")
+    write_image(split_tree / "valid" / ".ipynb_checkpoints" / "copy.png")
+    write_image(split_tree / "valid" / "negative" / ".ipynb_checkpoints" / "copy.png")
+
+    discovery = data.discover_samples(split_tree)
+
+    assert len(discovery.samples) == 22
+    assert discovery.skipped.empty
+    assert "train/negative/.DS_Store" in discovery.ignored
+    assert "train/positive/Thumbs.db" in discovery.ignored
+    assert "valid/.ipynb_checkpoints" in discovery.ignored
+    assert "valid/negative/.ipynb_checkpoints/" in discovery.ignored
+
+
+def test_unreadable_files_are_listed_with_reasons(split_tree):
+    (split_tree / "train" / "negative" / "empty.png").write_bytes(b"")
+    (split_tree / "train" / "negative" / "notes.txt").write_text("not an image")
+    good = (split_tree / "train" / "positive" / "img_000.png").read_bytes()
+    (split_tree / "train" / "positive" / "truncated.png").write_bytes(good[: len(good) // 2])
+
+    discovery = data.discover_samples(split_tree)
+
+    reasons = dict(zip(discovery.skipped["sample_id"], discovery.skipped["reason"]))
+    assert len(discovery.samples) == 22
+    assert reasons["train/negative/empty.png"] == "empty file (0 bytes)"
+    assert reasons["train/negative/notes.txt"] == "not an image that Pillow can identify"
+    assert reasons["train/positive/truncated.png"].startswith("cannot be decoded")
+
+
+def test_unreadable_files_raise_when_not_skipped(split_tree):
+    (split_tree / "train" / "negative" / "empty.jpg").write_bytes(b"")
+
+    with pytest.raises(DataError, match=r"train/negative/empty.jpg: empty file.*skip_unreadable=True"):
+        data.discover_samples(split_tree, skip_unreadable=False)
+
+
+def test_manifest_layout_like_pcam(tmp_path):
+    root = tmp_path / "pcam"
+    rows = []
+    for label, name in enumerate(["negative", "positive"]):
+        for index in range(9):
+            path = f"{name}/patch{index:04d}.jpg"
+            write_image(root / path, seed=index + 10 * label, fmt="JPEG", bright=label == 1)
+            split = ["train"] * 5 + ["valid"] * 2 + ["test"] * 2
+            rows.append({"path": path, "label": name, "source_split": split[index], "patient_or_slide_id": ""})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+
+    discovery = data.discover_samples(root)
+
+    assert discovery.layout == "manifest"
+    assert discovery.counts().to_dict() == {"negative": {"train": 5, "valid": 2, "test": 2}, "positive": {"train": 5, "valid": 2, "test": 2}}
+    assert set(discovery.samples["format"]) == {"JPEG"}
+
+
+def test_manifest_label_disagreeing_with_folder_raises(tmp_path):
+    root = tmp_path / "m"
+    for name in ("negative", "positive"):
+        for index in range(3):
+            write_image(root / name / f"{index}.png", seed=index)
+    rows = [{"path": f"{name}/{index}.png", "label": "positive", "split": "train" if index else "valid"}
+            for name in ("negative", "positive") for index in range(3)]
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+
+    with pytest.raises(DataError, match="carry the other label"):
+        data.discover_samples(root)
+
+
+def test_class_folders_split_is_seeded_and_stratified(tmp_path):
+    root = tmp_path / "c"
+    for label, name in enumerate(("negative", "positive")):
+        for index in range(20):
+            write_image(root / name / f"{index:02d}.png", seed=index + 100 * label)
+
+    first = data.discover_samples(root, seed=3)
+    second = data.discover_samples(root, seed=3)
+    other = data.discover_samples(root, seed=4)
+
+    assert first.layout == "class_folders"
+    assert list(first.samples["split"]) == list(second.samples["split"])
+    assert list(first.samples.sort_values("sample_id")["split"]) != list(other.samples.sort_values("sample_id")["split"])
+    assert first.counts().to_dict() == {"negative": {"train": 14, "valid": 3, "test": 3}, "positive": {"train": 14, "valid": 3, "test": 3}}
+
+
+def test_class_folders_split_keeps_groups_together(tmp_path):
+    root = tmp_path / "g"
+    rows = []
+    for label, name in enumerate(("negative", "positive")):
+        for index in range(24):
+            path = f"{name}/{index:02d}.png"
+            write_image(root / path, seed=index + 100 * label)
+            rows.append({"path": path, "label": name, "group": f"{name}-slide{index // 3}"})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+
+    discovery = data.discover_samples(root, split_fractions=(0.5, 0.25, 0.25))
+
+    splits_per_group = discovery.samples.groupby("group")["split"].nunique()
+    assert splits_per_group.max() == 1
+    assert set(discovery.samples["split"]) == {"train", "valid", "test"}
+
+
+def test_unknown_class_folder_raises(split_tree):
+    write_image(split_tree / "train" / "other" / "x.png")
+
+    with pytest.raises(DataError, match=r"train/ holds folders \['other'\] that are not among classes"):
+        data.discover_samples(split_tree)
+
+
+def test_missing_class_folder_raises(tmp_path):
+    root = write_split_tree(tmp_path / "d", {"train": (2, 2), "valid": (2, 2)})
+
+    with pytest.raises(DataError, match=r"has no class folder 'tumour'"):
+        data.discover_samples(root, classes=["negative", "tumour"])
+
+
+def test_missing_directory_raises(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.discover_samples(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected_mean"),
+    [("L", None), ("P", None), ("RGBA", None), ("CMYK", None)],
+)
+def test_load_image_converts_modes_to_rgb(tmp_path, mode, expected_mean):
+    path = write_image(tmp_path / f"x_{mode}.{'jpg' if mode == 'CMYK' else 'png'}", mode=mode, fmt="JPEG" if mode == "CMYK" else "PNG", size=40)
+
+    pixels = data.load_image(path, 16)
+
+    assert pixels.shape == (16, 16, 3)
+    assert pixels.dtype == np.uint8
+
+
+def test_load_image_scales_sixteen_bit_instead_of_clipping(tmp_path):
+    values = np.full((8, 8), 32768, dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+
+    pixels = data.load_image(path, 8)
+
+    assert Image.open(path).mode.startswith("I")
+    assert int(pixels[0, 0, 0]) == 128
+
+
+def test_load_image_composites_alpha_on_white(tmp_path):
+    path = tmp_path / "transparent.png"
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(path)
+
+    pixels = data.load_image(path, 4)
+
+    assert pixels.min() == 255
+
+
+def test_make_dataset_keys_every_sample_by_id(split_tree):
+    discovery = data.discover_samples(split_tree)
+    valid = discovery.split("train")
+
+    dataset = data.make_dataset(valid, image_size=16, batch_size=5, shuffle=True, seed=1)
+    seen = {}
+    for batch in dataset:
+        for sample_id, label, image in zip(batch["sample_id"].numpy(), batch["label"].numpy(), batch["image"].numpy()):
+            seen[sample_id.decode()] = (int(label), image.shape)
+
+    assert sorted(seen) == sorted(valid["sample_id"])
+    assert all(seen[row.sample_id][0] == row.label for row in valid.itertuples())
+    assert {shape for _, shape in seen.values()} == {(16, 16, 3)}
+
+
+def test_too_few_images_per_class_raises(tmp_path):
+    root = write_split_tree(tmp_path / "d", {"train": (3, 3), "valid": (1, 3)})
+
+    with pytest.raises(DataError, match=r"valid split has 1 readable image\(s\) of class 'negative'"):
+        data.discover_samples(root)
