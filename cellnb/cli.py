@@ -1,0 +1,141 @@
+"""The ``cellnb`` command: ``run`` executes the three notebooks, ``synth`` writes the built-in images.
+
+Errors from bad input (``CellnbError``) are printed as one message and exit with status 2; a
+failed notebook exits with status 1 after printing the failing cell and its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from cellnb import params as parameters
+from cellnb import rundir
+from cellnb.errors import CellnbError, ParameterError, RunDirectoryError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RUN_NAME = "run"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellnb", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train, inspect and explain: run the three notebooks into a run directory")
+    run.add_argument("--data-dir", default="", help="image folder (default: generate the built-in synthetic cells)")
+    run.add_argument("--run-dir", default=None, help="output folder (default: outputs/<name>)")
+    run.add_argument("--name", default=DEFAULT_RUN_NAME, help="run name used for the default run directory")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="set a notebook parameter; repeatable; the value is checked against the declared type")
+    run.add_argument("-f", "--parameters-file", default=None, help="YAML file of parameters (-p values win)")
+    run.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a finished run")
+    run.add_argument("--kernel", default="python3", help="Jupyter kernel that runs the notebooks")
+    run.add_argument("--notebooks", default=None, help="folder holding the notebooks (default: the project's notebooks/)")
+    run.add_argument("--no-code", action="store_true", help="leave code cells out of the HTML reports")
+
+    synth = commands.add_parser("synth", help="write the built-in synthetic cell images to a folder")
+    synth.add_argument("directory", help="folder to create; must not exist or be empty")
+    synth.add_argument("--seed", type=int, default=0, help="seed; the same seed gives byte-identical files")
+    synth.add_argument("--image-size", type=int, default=96, help="image width and height in pixels")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return command_run(args)
+        return command_synth(args)
+    except CellnbError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1 if error.__class__.__name__ == "NotebookFailed" else 2
+    except KeyboardInterrupt:
+        print("interrupted; finished epochs are kept in the run directory", file=sys.stderr)
+        return 130
+
+
+def collect_parameters(pairs: list[list[str]], parameters_file: str | None) -> dict:
+    """Merge ``-f`` YAML values and ``-p NAME VALUE`` pairs, each checked against its declaration."""
+    known = parameters.all_parameters()
+    values = {}
+    if parameters_file:
+        values.update(_read_yaml(Path(parameters_file), known))
+    for name, text in pairs:
+        if name not in known:
+            raise ParameterError(f"unknown parameter {name!r}; valid parameters are {sorted(known)}")
+        values[name] = parameters.parse_text(known[name], text)
+        values[name] = parameters.coerce_value(known[name], values[name])
+    return values
+
+
+def _read_yaml(path: Path, known: dict) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ParameterError(f"parameters file {str(path)!r} not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ParameterError(f"parameters file {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(loaded, dict):
+        raise ParameterError(f"parameters file {str(path)!r} must hold a mapping of NAME: VALUE, not {type(loaded).__name__}")
+    values = {}
+    for name, value in loaded.items():
+        if name not in known:
+            raise ParameterError(f"unknown parameter {name!r} in {str(path)!r}; valid parameters are {sorted(known)}")
+        values[name] = parameters.coerce_value(known[name], value)
+    return values
+
+
+def command_run(args) -> int:
+    from cellnb.runner import run_notebooks
+
+    values = collect_parameters(args.parameter, args.parameters_file)
+    if args.data_dir:
+        data_dir = Path(args.data_dir).expanduser()
+        if not data_dir.is_dir():
+            raise ParameterError(f"--data-dir {args.data_dir!r} does not exist; pass the folder that holds your images")
+        values["data_dir"] = str(data_dir.resolve())
+    run_dir = Path(args.run_dir or Path("outputs") / args.name).expanduser().resolve()
+    prepare_run_dir(run_dir, overwrite=args.overwrite)
+    values["run_dir"] = str(run_dir)
+
+    print(f"cellnb run -> {run_dir}")
+    run_notebooks(run_dir, values, notebooks_dir=args.notebooks, kernel_name=args.kernel,
+                  echo=lambda line: print(line, flush=True), report_code=not args.no_code)
+    print(f"reports: {run_dir / 'reports' / 'index.html'}")
+    return 0
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    """Refuse a run directory that holds a run unless ``overwrite``, which empties it first."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"--run-dir {str(run_dir)!r} is a file; pass a folder path")
+    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in (rundir.HISTORY_FILE, rundir.CONFIG_FILE))
+    if holds_run and not overwrite:
+        raise RunDirectoryError(
+            f"run directory {str(run_dir)!r} already holds a run; pass --overwrite to replace it, "
+            f"or choose another --run-dir"
+        )
+    if holds_run:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def command_synth(args) -> int:
+    from cellnb.synth import generate_synthetic_cells
+
+    manifest = generate_synthetic_cells(Path(args.directory), seed=args.seed, image_size=args.image_size)
+    counts = manifest.groupby(["split", "label"]).size()
+    print(f"wrote {len(manifest)} images to {args.directory}")
+    print(counts.to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The cellnb command: parameter handling, run directory refusal, and end-to-end runs through papermill."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nbformat
+import pandas as pd
+import pytest
+
+from cellnb import cli
+from cellnb.errors import ParameterError, RunDirectoryError
+
+from conftest import PCAM_DIR, PROJECT_ROOT
+
+FAST = ["-p", "epochs", "2", "-p", "image_size", "32", "-p", "batch_size", "8"]
+
+
+def test_collect_parameters_types_values():
+    values = cli.collect_parameters([["epochs", "8"], ["skip_unreadable", "false"], ["classes", "normal,tumor"]], None)
+
+    assert values == {"epochs": 8, "skip_unreadable": False, "classes": ["normal", "tumor"]}
+
+
+def test_collect_parameters_rejects_wrong_type():
+    with pytest.raises(ParameterError, match=r"parameter 'epochs' received 'many' \(str\); expected int"):
+        cli.collect_parameters([["epochs", "many"]], None)
+
+
+def test_collect_parameters_rejects_unknown_name():
+    with pytest.raises(ParameterError, match=r"unknown parameter 'epoch'; valid parameters are \["):
+        cli.collect_parameters([["epoch", "3"]], None)
+
+
+def test_parameters_file_is_checked_and_p_wins(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("epochs: 5\nlearning_rate: 0.01\nhead: sigmoid1\n")
+
+    values = cli.collect_parameters([["epochs", "9"]], str(path))
+
+    assert values == {"epochs": 9, "learning_rate": 0.01, "head": "sigmoid1"}
+    path.write_text("epochs: five\n")
+    with pytest.raises(ParameterError, match="parameter 'epochs' received 'five'"):
+        cli.collect_parameters([], str(path))
+
+
+def test_run_dir_with_a_finished_run_is_refused(tmp_path):
+    (tmp_path / "history.csv").write_text("epoch\n1\n")
+
+    with pytest.raises(RunDirectoryError, match="already holds a run; pass --overwrite"):
+        cli.prepare_run_dir(tmp_path, overwrite=False)
+    cli.prepare_run_dir(tmp_path, overwrite=True)
+    assert not (tmp_path / "history.csv").exists()
+
+
+def test_cli_prints_error_without_traceback(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "cellnb.cli", "run", "--run-dir", str(tmp_path / "r"), "-p", "epochs", "zero"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )
+
+    assert completed.returncode == 2
+    assert "error: parameter 'epochs' received 'zero' (str); expected int" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def _run(arguments, cwd, timeout=900):
+    return subprocess.run([sys.executable, "-m", "cellnb.cli", "run", *arguments], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def _assert_run_directory(run_dir):
+    for name in ("config.json", "samples.csv", "history.csv", "trajectories.npz", "model.keras"):
+        assert (run_dir / name).is_file(), name
+    for name in ("01_train", "02_inspect_validation", "03_explain_loss"):
+        notebook = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
+        errors = [output for cell in notebook.cells if cell.cell_type == "code"
+                  for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+        assert errors == [], name
+        report = (run_dir / "reports" / f"{name}.html").read_text()
+        assert "data:image/png;base64," in report, name
+    index = (run_dir / "reports" / "index.html").read_text()
+    assert 'href="01_train.html"' in index
+    assert "minimum validation loss" in index
+
+
+@pytest.mark.slow
+def test_run_end_to_end_on_tiny_synthetic(tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+
+    completed = _run(["--data-dir", str(tiny_synthetic), "--run-dir", str(run_dir), *FAST], PROJECT_ROOT)
+
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "epoch 2/2" in completed.stdout
+    _assert_run_directory(run_dir)
+    samples = pd.read_csv(run_dir / "samples.csv")
+    assert samples.groupby("split").size().to_dict() == {"test": 6, "train": 32, "valid": 12}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["epochs"] == 2
+    assert config["scored_class"] == "positive"
+    assert set(config["versions"]) == {"cellnb", "tensorflow", "keras", "python"}
+    assert len(pd.read_csv(run_dir / "history.csv")) == 2
+
+    again = _run(["--data-dir", str(tiny_synthetic), "--run-dir", str(run_dir), *FAST], PROJECT_ROOT)
+    assert again.returncode == 2
+    assert "already holds a run" in again.stderr
+
+
+@pytest.mark.slow
+def test_failing_notebook_exits_nonzero_and_names_the_cell(tiny_synthetic, tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for path in (PROJECT_ROOT / "notebooks").glob("*.ipynb"):
+        notebook = nbformat.read(path, as_version=4)
+        if path.stem == "02_inspect_validation":
+            notebook.cells.append(nbformat.v4.new_code_cell("raise ValueError('deliberate failure for the test')"))
+        nbformat.write(notebook, notebooks / path.name)
+    run_dir = tmp_path / "run"
+
+    completed = _run(["--data-dir", str(tiny_synthetic), "--run-dir", str(run_dir), "--notebooks", str(notebooks), *FAST],
+                     PROJECT_ROOT)
+
+    assert completed.returncode == 1
+    assert "notebook 02_inspect_validation failed at cell" in completed.stderr
+    assert "raise ValueError('deliberate failure for the test')" in completed.stderr
+    assert "ValueError: deliberate failure for the test" in completed.stderr
+    assert "This notebook FAILED" in (run_dir / "reports" / "02_inspect_validation.html").read_text()
+    assert not (run_dir / "notebooks" / "03_explain_loss.ipynb").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PCAM_DIR.is_dir(), reason=f"real PCam patches not found at {PCAM_DIR}")
+def test_run_on_real_pcam_patches_counts_match_manifest(tmp_path):
+    run_dir = tmp_path / "pcam"
+
+    completed = _run(["--data-dir", str(PCAM_DIR), "--run-dir", str(run_dir), "-p", "epochs", "2", "-p", "image_size", "48"],
+                     PROJECT_ROOT)
+
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    _assert_run_directory(run_dir)
+    manifest = pd.read_csv(PCAM_DIR / "manifest.csv")
+    samples = pd.read_csv(run_dir / "samples.csv")
+    expected = manifest.groupby(["source_split", "label"]).size().to_dict()
+    assert samples.groupby(["split", "label_name"]).size().rename(index={"valid": "valid"}).to_dict() == expected
+    assert samples.groupby("split").size().to_dict() == {"train": 800, "valid": 200, "test": 200}
