@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COUNTS = {"train": (154, 154), "valid": (26, 26), "test": (77, 77)}
 DEFAULT_IMAGE_SIZE = 96
+DEFAULT_MISLABEL_RATES = {"train": 0.04, "valid": 0.1, "test": 0.1}
+DEFAULT_AMBIGUOUS_RATE = 0.1
 SPLITS = ("train", "valid", "test")
 MANIFEST_FILE = "manifest.csv"
 MANIFEST_COLUMNS = ["path", "split", "label", "true_label", "mislabeled", "difficulty", "group"]
@@ -85,16 +87,16 @@ def generate_synthetic_cells(
     counts: dict | None = None,
     image_size: int = DEFAULT_IMAGE_SIZE,
     classes: tuple[str, str] = ("negative", "positive"),
-    mislabel_rate: float = 0.1,
-    ambiguous_rate: float = 0.15,
+    mislabel_rate: float | dict = None,
+    ambiguous_rate: float = DEFAULT_AMBIGUOUS_RATE,
 ) -> pd.DataFrame:
     """Write a synthetic set of microscopy-like cell images and its manifest.
 
     Negatives show small, round, evenly stained nuclei in loosely spaced cells. Positives
     (cancer-like) show enlarged, irregular, darker nuclei, sometimes two per cell, a higher
     nuclear-to-cytoplasm ratio and more crowded cells. In every split, exactly
-    ``round(mislabel_rate * n)`` of the ``n`` images of each class folder show the other class,
-    and ``round(ambiguous_rate * n)`` are drawn close to the class boundary.
+    ``round(rate * n)`` of the ``n`` images of each class folder show the other class, with the
+    split's mislabel rate, and ``round(ambiguous_rate * n)`` are drawn close to the class boundary.
 
     Parameters
     ----------
@@ -111,8 +113,14 @@ def generate_synthetic_cells(
         Width and height in pixels, at least 16.
     classes : tuple of two str
         Folder names of class 0 (healthy) and class 1 (cancer-like, the scored class).
-    mislabel_rate : float
-        Share of each class folder, in [0, 0.5), whose images show the other class.
+    mislabel_rate : float or dict, optional
+        Share of each class folder, in [0, 0.5), whose images show the other class: one share
+        for every split, or ``{split: share}``. The default, ``DEFAULT_MISLABEL_RATES``, flips
+        10% of the validation and test folders but only 4% of the training folders: enough
+        training noise for a model to start memorizing it after a few epochs, while what it
+        learned from the clean majority still holds, so the validation accuracy stays flat
+        while confidence in the mislabeled validation images grows and the validation loss
+        climbs.
     ambiguous_rate : float
         Share of each class folder, in [0, 1], drawn with difficulty in
         ``AMBIGUOUS_DIFFICULTY``. The other images get difficulty in ``PROTOTYPICAL_DIFFICULTY``.
@@ -134,13 +142,15 @@ def generate_synthetic_cells(
     >>> manifest.groupby(["split", "label"]).size()
     """
     counts = _validate_counts(DEFAULT_COUNTS if counts is None else counts)
-    _validate_options(seed, image_size, classes, mislabel_rate, ambiguous_rate)
+    rates = _mislabel_rates(DEFAULT_MISLABEL_RATES if mislabel_rate is None else mislabel_rate, counts)
+    for rate in rates.values():
+        _validate_options(seed, image_size, classes, rate, ambiguous_rate)
     out_dir = _prepare_out_dir(out_dir)
 
     started = time.perf_counter()
     plans = []
     for split, split_counts in counts.items():
-        plans.extend(_plan_split(seed, split, split_counts, mislabel_rate, ambiguous_rate))
+        plans.extend(_plan_split(seed, split, split_counts, rates[split], ambiguous_rate))
 
     rows = []
     stains = {}
@@ -191,6 +201,15 @@ def _validate_counts(counts) -> dict[str, tuple[int, int]]:
 
     # Manifest rows follow the train, valid, test order whatever the order of the dict.
     return {split: checked[split] for split in SPLITS if split in checked}
+
+
+def _mislabel_rates(mislabel_rate, counts: dict) -> dict:
+    if not isinstance(mislabel_rate, dict):
+        return {split: mislabel_rate for split in counts}
+    unknown = sorted(set(mislabel_rate) - set(DEFAULT_COUNTS))
+    if unknown:
+        raise ParameterError(f"mislabel_rate has splits {unknown}; valid splits are {sorted(DEFAULT_COUNTS)}")
+    return {split: mislabel_rate.get(split, 0.0) for split in counts}
 
 
 def _validate_options(seed, image_size, classes, mislabel_rate, ambiguous_rate) -> None:

@@ -140,6 +140,24 @@ def test_flipped_count_per_split_and_class(tmp_path, rate):
         assert rows["mislabeled"].sum() == round(rate * n_images), (split, label)
 
 
+def test_mislabel_rate_per_split(tmp_path):
+    manifest = _generate_tiny(tmp_path, mislabel_rate={"train": 0.25, "valid": 0.5 - 1e-9})
+
+    flipped = manifest.groupby("split")["mislabeled"].sum().to_dict()
+    for split, (negatives, positives) in TINY_COUNTS.items():
+        rate = {"train": 0.25, "valid": 0.5 - 1e-9}.get(split, 0.0)
+        assert flipped[split] == round(rate * negatives) + round(rate * positives), split
+
+
+def test_default_mislabel_rates_flip_fewer_training_images(tmp_path):
+    manifest = generate_synthetic_cells(tmp_path / "d", image_size=16)
+
+    flipped = manifest.groupby(["split", "label"])["mislabeled"].sum().to_dict()
+    assert flipped[("train", "negative")] == round(0.04 * 154) == 6
+    assert flipped[("valid", "positive")] == round(0.1 * 26) == 3
+    assert flipped[("test", "negative")] == round(0.1 * 77) == 8
+
+
 def test_flips_happen_in_every_split(tiny_set):
     _, manifest = tiny_set
 
