@@ -99,7 +99,7 @@ def discover_samples(
     root = Path(data_dir).expanduser()
     classes = _check_classes(classes)
     if not root.is_dir():
-        raise DataError(f"data directory {str(root)!r} does not exist; pass the folder that holds your images")
+        raise DataError(f"data directory {str(root)!r} not found; pass the folder that contains your images")
 
     layout = detect_layout(root)
     ignored: list[str] = []
@@ -212,7 +212,7 @@ def _list_class_files(folder: Path, classes: list[str], ignored: list[str], root
     unknown = sorted(set(folders) - set(classes))
     if unknown:
         raise DataError(
-            f"{_relative_id(folder, root) or '.'}/ holds folders {unknown} that are not among classes {classes}; "
+            f"{_relative_id(folder, root) or '.'}/ contains folders {unknown} that are not among classes {classes}; "
             f"pass the class folder names with the `classes` parameter (negative first, scored class second), "
             f"or move the extra folders out of the data directory"
         )
@@ -386,8 +386,8 @@ def assign_splits(samples: pd.DataFrame, *, fractions: Sequence[float], seed: in
             split = SPLITS[int(np.searchsorted(targets, taken, side="right"))] if taken < total else "test"
             result.loc[indices] = split
             taken += len(indices)
-    # NOTE: with groups, a group that holds both classes is placed once per class; such a group
-    # can end up on two sides. The split audit reports group leakage when it happens.
+    # NOTE: a group that contains both classes is placed once per class, so it can end up on two
+    # sides. The split audit reports such group leakage.
     return result
 
 
@@ -414,9 +414,9 @@ def _check_splits(samples: pd.DataFrame, classes: list[str], root: Path) -> None
 def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """Decode any image mode to RGB uint8 of shape (image_size, image_size, 3).
 
-    16-bit and float images are scaled to 0-255 by their type's range, not clipped; an alpha
-    channel is composited onto white, as microscopy backgrounds are bright; EXIF orientation
-    is applied.
+    16-bit and float images are scaled to 0-255 by their type's range, not clipped. An alpha
+    channel is composited onto white, because microscopy backgrounds are bright. EXIF
+    orientation is applied.
     """
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
@@ -428,7 +428,12 @@ def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)
-        top = 1.0 if image.mode == "F" else (65535.0 if values.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0)
+        if image.mode == "F":
+            top = 1.0
+        elif image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            top = 65535.0
+        else:
+            top = 255.0
         scaled = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:

@@ -18,7 +18,7 @@ def class_balance(samples: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     """Return counts per split and class, the share of the scored class, and the accuracy of a constant guess.
 
     The constant-guess accuracy is the share of the majority class: what a model that always
-    answers one class scores on that split.
+    predicts one class scores on that split.
     """
     counts = pd.crosstab(samples["split"], samples["label"]).reindex(columns=[0, 1], fill_value=0)
     counts = counts.reindex([split for split in SPLITS if split in counts.index])

@@ -142,7 +142,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     """Load a run directory and check that history and trajectories cover the same epochs.
 
     Raises RunDirectoryError naming the first missing file, so a notebook pointed at the wrong
-    folder says which file it looked for.
+    folder reports which file it looked for.
     """
     run_dir = Path(run_dir)
     for name in (CONFIG_FILE, SAMPLES_FILE, HISTORY_FILE, TRAJECTORIES_FILE):

@@ -35,7 +35,7 @@ NOTEBOOKS_FOLDER = "notebooks"
 
 
 class NotebookFailed(CellnbError):
-    """A notebook stopped at a cell with an error; the message holds the cell source and the error."""
+    """A notebook stopped at a cell with an error. The message contains the cell source and the error."""
 
     def __init__(self, notebook: str, cell_index: int | None, source: str, error: str):
         self.notebook = notebook
@@ -79,7 +79,7 @@ def run_notebooks(
     for name in NOTEBOOKS:
         source = notebooks_dir / f"{name}.ipynb"
         if not source.is_file():
-            raise CellnbError(f"notebook {source} not found; pass --notebooks with the folder that holds {name}.ipynb")
+            raise CellnbError(f"notebook {source} not found; pass --notebooks with the folder that contains {name}.ipynb")
         declared = parameters.declared(name)
         notebook_values = {key: value for key, value in values.items() if key in declared}
         notebook_values["run_dir"] = str(run_dir)

@@ -49,7 +49,7 @@ def test_parameters_file_is_checked_and_p_wins(tmp_path):
 def test_run_dir_with_a_finished_run_is_refused(tmp_path):
     (tmp_path / "history.csv").write_text("epoch\n1\n")
 
-    with pytest.raises(RunDirectoryError, match="already holds a run; pass --overwrite"):
+    with pytest.raises(RunDirectoryError, match="already contains a run; pass --overwrite"):
         cli.prepare_run_dir(tmp_path, overwrite=False)
     cli.prepare_run_dir(tmp_path, overwrite=True)
     assert not (tmp_path / "history.csv").exists()
@@ -105,7 +105,7 @@ def test_run_end_to_end_on_tiny_synthetic(tiny_synthetic, tmp_path):
 
     again = _run(["--data-dir", str(tiny_synthetic), "--run-dir", str(run_dir), *FAST], PROJECT_ROOT)
     assert again.returncode == 2
-    assert "already holds a run" in again.stderr
+    assert "already contains a run" in again.stderr
 
 
 @pytest.mark.slow
@@ -145,3 +145,17 @@ def test_run_on_real_pcam_patches_counts_match_manifest(tmp_path):
     expected = manifest.groupby(["source_split", "label"]).size().to_dict()
     assert samples.groupby(["split", "label_name"]).size().rename(index={"valid": "valid"}).to_dict() == expected
     assert samples.groupby("split").size().to_dict() == {"train": 800, "valid": 200, "test": 200}
+
+
+def test_synth_command_writes_the_default_layout(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "cellnb.cli", "synth", str(tmp_path / "cells"), "--image-size", "16"],
+                               capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+
+    assert completed.returncode == 0, completed.stderr
+    assert "wrote 514 images" in completed.stdout
+    assert len(list((tmp_path / "cells" / "valid" / "positive").glob("*.png"))) == 26
+    again = subprocess.run([sys.executable, "-m", "cellnb.cli", "synth", str(tmp_path / "cells")],
+                           capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    assert again.returncode == 2
+    assert again.stderr.startswith("error: ")
+    assert "Traceback" not in again.stderr

@@ -145,7 +145,7 @@ def test_class_folders_split_keeps_groups_together(tmp_path):
 def test_unknown_class_folder_raises(split_tree):
     write_image(split_tree / "train" / "other" / "x.png")
 
-    with pytest.raises(DataError, match=r"train/ holds folders \['other'\] that are not among classes"):
+    with pytest.raises(DataError, match=r"train/ contains folders \['other'\] that are not among classes"):
         data.discover_samples(split_tree)
 
 
@@ -157,7 +157,7 @@ def test_missing_class_folder_raises(tmp_path):
 
 
 def test_missing_directory_raises(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="not found; pass the folder that contains your images"):
         data.discover_samples(tmp_path / "nowhere")
 
 
