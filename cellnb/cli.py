@@ -1,4 +1,5 @@
-"""The ``cellnb`` command: ``run`` executes the three notebooks, ``synth`` writes the built-in images.
+"""The ``cellnb`` command: ``run`` executes the three notebooks, ``audit`` checks a data directory,
+``synth`` writes the built-in images.
 
 Errors from bad input (``CellnbError``) are printed as one message and exit with status 2; a
 failed notebook exits with status 1 after printing the failing cell and its error.
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="set a notebook parameter; repeatable; the value is checked against the declared type")
     run.add_argument("-f", "--parameters-file", default=None, help="YAML file of parameters (-p values win)")
-    run.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a finished run")
+    run.add_argument("--overwrite", action="store_true", help="replace a run directory that already contains a run")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel that runs the notebooks")
     run.add_argument("--notebooks", default=None, help="folder holding the notebooks (default: the project's notebooks/)")
     run.add_argument("--no-code", action="store_true", help="leave code cells out of the HTML reports")
@@ -41,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("directory", help="folder to create; must not exist or be empty")
     synth.add_argument("--seed", type=int, default=0, help="seed; the same seed gives byte-identical files")
     synth.add_argument("--image-size", type=int, default=96, help="image width and height in pixels")
+
+    audit = commands.add_parser("audit", help="audit a data directory: files, class order, balance, duplicates, "
+                                "leakage and image statistics per split")
+    audit.add_argument("data_dir", help="the image folder to audit")
+    audit.add_argument("--classes", default=None,
+                       help="the two class folder names, comma-separated, the scored class second (default: negative,positive)")
+    audit.add_argument("--json", default=None, metavar="PATH", help="also write the machine-readable report to PATH")
+    audit.add_argument("--near-threshold", default=None, metavar="N",
+                       help="largest perceptual-hash distance, of 64 bits, for near duplicates across splits (default: 8)")
+    audit.add_argument("--group-pattern", default=None, metavar="REGEX",
+                       help="regular expression searched in each file name; its first capture group is the patient or slide id")
+    audit.add_argument("--seed", default=None, help="split seed, used only for class folders without split information (default: 0)")
+    audit.add_argument("--split-fractions", default=None,
+                       help="train,valid,test fractions, used only for class folders without split information "
+                            "(default: 0.7,0.15,0.15)")
     return parser
 
 
@@ -50,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return command_run(args)
+        if args.command == "audit":
+            return command_audit(args)
         return command_synth(args)
     except CellnbError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -99,7 +117,7 @@ def command_run(args) -> int:
     if args.data_dir:
         data_dir = Path(args.data_dir).expanduser()
         if not data_dir.is_dir():
-            raise ParameterError(f"--data-dir {args.data_dir!r} does not exist; pass the folder that holds your images")
+            raise ParameterError(f"--data-dir {args.data_dir!r} not found; pass the folder that contains your images")
         values["data_dir"] = str(data_dir.resolve())
     run_dir = Path(args.run_dir or Path("outputs") / args.name).expanduser().resolve()
     prepare_run_dir(run_dir, overwrite=args.overwrite)
@@ -113,13 +131,13 @@ def command_run(args) -> int:
 
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
-    """Refuse a run directory that holds a run unless ``overwrite``, which empties it first."""
+    """Reject a run directory that already contains a run unless ``overwrite``, which empties it first."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirectoryError(f"--run-dir {str(run_dir)!r} is a file; pass a folder path")
     holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in (rundir.HISTORY_FILE, rundir.CONFIG_FILE))
     if holds_run and not overwrite:
         raise RunDirectoryError(
-            f"run directory {str(run_dir)!r} already holds a run; pass --overwrite to replace it, "
+            f"run directory {str(run_dir)!r} already contains a run; pass --overwrite to replace it, "
             f"or choose another --run-dir"
         )
     if holds_run:
@@ -134,6 +152,35 @@ def command_synth(args) -> int:
     counts = manifest.groupby(["split", "label"]).size()
     print(f"wrote {len(manifest)} images to {args.directory}")
     print(counts.to_string())
+    return 0
+
+
+def command_audit(args) -> int:
+    from cellnb.audit import audit_data
+
+    known = parameters.all_parameters()
+
+    def parse(name: str, text: str | None):
+        """Check an option as its notebook parameter is checked; None gives the declared default."""
+        if text is None:
+            return known[name].default
+        return parameters.coerce_value(known[name], parameters.parse_text(known[name], text))
+
+    # The audit lists unreadable files itself; the loader's warnings about them would repeat it.
+    logging.getLogger("cellnb.data").setLevel(logging.ERROR)
+    report = audit_data(
+        args.data_dir,
+        classes=parse("classes", args.classes),
+        near_threshold=parse("near_threshold", args.near_threshold),
+        group_pattern=parse("group_pattern", args.group_pattern),
+        split_fractions=parse("split_fractions", args.split_fractions),
+        seed=parse("seed", args.seed),
+    )
+    for line in report.summary_lines():
+        print(line)
+    if args.json:
+        rundir.write_json(Path(args.json).expanduser(), report.to_json())
+        print(f"report: {args.json}")
     return 0
 
 

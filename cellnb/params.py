@@ -89,6 +89,10 @@ INSPECT = (
     RUN_DIR,
     Parameter("thumbnails_per_class", int, 12, "validation thumbnails shown per class", minimum=0, maximum=200),
     Parameter("top_k", int, 10, "how many most-changed samples to list", minimum=1, maximum=1000),
+    Parameter("near_threshold", int, 8, "largest perceptual-hash distance, of 64 bits, at which images from two splits "
+              "count as near duplicates", minimum=0, maximum=64),
+    Parameter("group_pattern", str, None, "regular expression searched in each file name, whose first capture group is "
+              "the patient or slide id; None = the manifest's group column", optional=True),
 )
 
 EXPLAIN = (

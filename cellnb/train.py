@@ -19,6 +19,7 @@ import pandas as pd
 
 import cellnb
 from cellnb import data, rundir
+from cellnb.audit import check_setup
 from cellnb.model import PREPROCESSING, build_model, compile_model, get_preprocessing, resolve_preprocessing
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ def build_for_run(setup: RunSetup):
         seed=params["seed"],
     )
     compile_model(model, head=params["head"], learning_rate=params["learning_rate"], optimizer=params["optimizer"])
+    label_format = "sparse" if params["head"] == "softmax2" else "binary"
+    check_setup(model, loss=model.loss, label_format=label_format, raise_on_error=True)
     return model
 
 
