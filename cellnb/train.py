@@ -149,11 +149,22 @@ def make_datasets(setup: RunSetup) -> dict:
     }
 
 
-def train(setup: RunSetup, model, *, echo=None, verbose: int = 0) -> pd.DataFrame:
-    """Fit the model for ``epochs`` epochs, recording trajectories, and save ``model.keras``.
+def train(
+    setup: RunSetup,
+    model,
+    *,
+    echo=None,
+    verbose: int = 0,
+    initial_epoch: int = 0,
+    previous=None,
+    callbacks=(),
+) -> pd.DataFrame:
+    """Fit the model up to ``epochs`` epochs, recording trajectories, and save ``model.keras``.
 
-    ``echo`` receives one progress line per epoch (the notebook passes ``print``). Returns the
-    history table, which is also in ``history.csv``.
+    ``echo`` receives one progress line per epoch (the notebook passes ``print``). To continue
+    an interrupted run, pass the number of finished epochs as ``initial_epoch`` and their
+    ``(Trajectories, history DataFrame)`` as ``previous``. ``callbacks`` run after the recorder,
+    so they see its ``val_loss``. Returns the history table, which is also in ``history.csv``.
     """
     import keras
 
@@ -161,13 +172,15 @@ def train(setup: RunSetup, model, *, echo=None, verbose: int = 0) -> pd.DataFram
 
     params = setup.params
     datasets = make_datasets(setup)
-    recorder = TrajectoryRecorder(datasets["valid"], setup.run_dir, train_data=datasets["train"])
-    callbacks = [
+    recorder = TrajectoryRecorder(datasets["valid"], setup.run_dir, train_data=datasets["train"], previous=previous)
+    all_callbacks = [
         recorder,
-        ProgressFile(setup.run_dir, epochs=params["epochs"], echo=echo),
+        ProgressFile(setup.run_dir, epochs=params["epochs"], initial_epoch=initial_epoch, echo=echo),
         keras.callbacks.TensorBoard(log_dir=str(setup.run_dir / "tensorboard"), write_graph=False),
+        *callbacks,
     ]
-    model.fit(datasets["fit"], epochs=params["epochs"], callbacks=callbacks, shuffle=False, verbose=verbose)
+    model.fit(datasets["fit"], epochs=params["epochs"], initial_epoch=initial_epoch, callbacks=all_callbacks,
+              shuffle=False, verbose=verbose)
     save_model(model, setup.run_dir / rundir.MODEL_FILE)
     return recorder.history()
 
