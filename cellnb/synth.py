@@ -123,7 +123,9 @@ def generate_synthetic_cells(
         climbs.
     ambiguous_rate : float
         Share of each class folder, in [0, 1], drawn with difficulty in
-        ``AMBIGUOUS_DIFFICULTY``. The other images get difficulty in ``PROTOTYPICAL_DIFFICULTY``.
+        ``AMBIGUOUS_DIFFICULTY``, chosen among the images that are not mislabeled (so at most the
+        rest of the folder). The other images, mislabeled ones included, get difficulty in
+        ``PROTOTYPICAL_DIFFICULTY``: every mislabeled image is a clear example of its true class.
 
     Returns
     -------
@@ -272,7 +274,9 @@ def _plan_split(seed, split, split_counts, mislabel_rate, ambiguous_rate) -> lis
     plans = []
     for label_index, n_images in enumerate(split_counts):
         flipped = _choose_subset(seed, split, label_index, _STREAM_MISLABEL, n_images, mislabel_rate)
-        ambiguous = _choose_subset(seed, split, label_index, _STREAM_AMBIGUOUS, n_images, ambiguous_rate)
+        # Flipped images are drawn as prototypes of their true class, so each one is a clear label
+        # error, and ambiguous images are chosen among the correctly labelled ones.
+        ambiguous = _choose_subset(seed, split, label_index, _STREAM_AMBIGUOUS, n_images, ambiguous_rate, exclude=flipped)
         for index in range(n_images):
             plans.append(
                 ImagePlan(
@@ -287,11 +291,15 @@ def _plan_split(seed, split, split_counts, mislabel_rate, ambiguous_rate) -> lis
     return plans
 
 
-def _choose_subset(seed, split, label_index, stream, n_images, rate) -> np.ndarray:
-    """Mark exactly ``round(rate * n_images)`` of ``n_images`` positions, chosen by the seed."""
+def _choose_subset(seed, split, label_index, stream, n_images, rate, exclude=None) -> np.ndarray:
+    """Mark ``round(rate * n_images)`` of ``n_images`` positions, chosen by the seed.
+
+    Positions in ``exclude`` are never marked, so fewer are marked when too few remain.
+    """
     rng = np.random.default_rng([seed, _split_code(split), stream, label_index])
     chosen = np.zeros(n_images, dtype=bool)
-    chosen[rng.permutation(n_images)[: round(rate * n_images)]] = True
+    allowed = [position for position in rng.permutation(n_images) if exclude is None or not exclude[position]]
+    chosen[allowed[: round(rate * n_images)]] = True
     return chosen
 
 

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from cellnb.synth import (
+    AMBIGUOUS_DIFFICULTY,
     DEFAULT_COUNTS,
     MANIFEST_COLUMNS,
+    PROTOTYPICAL_DIFFICULTY,
     generate_synthetic_cells,
 )
 
@@ -156,6 +158,18 @@ def test_default_mislabel_rates_flip_fewer_training_images(tmp_path):
     assert flipped[("train", "negative")] == round(0.04 * 154) == 6
     assert flipped[("valid", "positive")] == round(0.1 * 26) == 3
     assert flipped[("test", "negative")] == round(0.1 * 77) == 8
+
+
+def test_mislabeled_images_are_prototypes_of_true_class(tmp_path):
+    manifest = _generate_tiny(tmp_path, mislabel_rate=0.25, ambiguous_rate=0.5)
+
+    mislabeled = manifest[manifest["mislabeled"] == 1]
+    assert len(mislabeled) > 0
+    assert mislabeled["difficulty"].max() <= PROTOTYPICAL_DIFFICULTY[1]
+    for (split, label), rows in manifest.groupby(["split", "label"]):
+        n_images = TINY_COUNTS[split][0 if label == "negative" else 1]
+        ambiguous = rows["difficulty"] >= AMBIGUOUS_DIFFICULTY[0]
+        assert ambiguous.sum() == min(round(0.5 * n_images), n_images - rows["mislabeled"].sum()), (split, label)
 
 
 def test_flips_happen_in_every_split(tiny_set):
