@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="set a notebook parameter; repeatable; the value is checked against the declared type")
     run.add_argument("-f", "--parameters-file", default=None, help="YAML file of parameters (-p values win)")
-    run.add_argument("--overwrite", action="store_true", help="replace a run directory that already contains a run")
+    existing = run.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace a run directory that already contains a run")
+    existing.add_argument("--resume", default=None, metavar="RUN_DIR",
+                          help="continue an interrupted run from its last finished epoch with the parameters in its "
+                               "config.json, then run notebooks 02 and 03")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel that runs the notebooks")
     run.add_argument("--notebooks", default=None, help="folder holding the notebooks (default: the project's notebooks/)")
     run.add_argument("--no-code", action="store_true", help="leave code cells out of the HTML reports")
@@ -62,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The notebook kernels inherit this, so TensorFlow's C++ info and warning lines stay out of the
+    # terminal and the reports; a value the user set is kept.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -111,15 +119,20 @@ def _read_yaml(path: Path, known: dict) -> dict:
 
 
 def command_run(args) -> int:
-    from cellnb.runner import run_notebooks
+    from cellnb.runner import check_before_run, run_notebooks
 
+    if args.resume:
+        return command_resume(args)
     values = collect_parameters(args.parameter, args.parameters_file)
     if args.data_dir:
         data_dir = Path(args.data_dir).expanduser()
         if not data_dir.is_dir():
             raise ParameterError(f"--data-dir {args.data_dir!r} not found; pass the folder that contains your images")
         values["data_dir"] = str(data_dir.resolve())
+        check_data(data_dir, values)
     run_dir = Path(args.run_dir or Path("outputs") / args.name).expanduser().resolve()
+    check_run_dir(run_dir, overwrite=args.overwrite)
+    check_before_run(args.notebooks, args.kernel)
     prepare_run_dir(run_dir, overwrite=args.overwrite)
     values["run_dir"] = str(run_dir)
 
@@ -130,17 +143,61 @@ def command_run(args) -> int:
     return 0
 
 
-def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
-    """Reject a run directory that already contains a run unless ``overwrite``, which empties it first."""
+def check_data(data_dir: Path, values: dict) -> None:
+    """Find the samples as notebook 01 will, so a bad data directory fails before any kernel starts.
+
+    NOTE: this reads and hashes every image once more than the run itself does; on a large data
+    set that adds the time of one pass over the files.
+    """
+    from cellnb.data import discover_samples
+
+    known = parameters.all_parameters()
+    options = {name: values.get(name, known[name].default) for name in ("classes", "split_fractions", "seed", "skip_unreadable")}
+    discover_samples(data_dir, **options)
+
+
+def command_resume(args) -> int:
+    """Continue training in this process, then run notebooks 02 and 03 on the completed run directory."""
+    from cellnb.resume import resume_training
+    from cellnb.runner import NOTEBOOKS, check_before_run, run_notebooks
+
+    values = collect_parameters(args.parameter, args.parameters_file)
+    training = sorted(set(values) & set(parameters.declared("01_train")) - {"run_dir"})
+    if args.data_dir or args.run_dir or training:
+        rejected = (["--data-dir"] if args.data_dir else []) + (["--run-dir"] if args.run_dir else []) + training
+        raise ParameterError(
+            f"--resume continues with the training parameters in the run's config.json, so {rejected} cannot be "
+            f"changed; leave them out, or start a new run with --overwrite"
+        )
+    run_dir = Path(args.resume).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise RunDirectoryError(f"--resume {args.resume!r} not found; pass the run directory of the interrupted run")
+    check_before_run(args.notebooks, args.kernel, names=NOTEBOOKS[1:])
+
+    print(f"cellnb run --resume {run_dir}")
+    resume_training(run_dir, echo=lambda line: print(line, flush=True))
+    run_notebooks(run_dir, values, notebooks_dir=args.notebooks, kernel_name=args.kernel,
+                  echo=lambda line: print(line, flush=True), report_code=not args.no_code, names=NOTEBOOKS[1:])
+    print(f"reports: {run_dir / 'reports' / 'index.html'}")
+    return 0
+
+
+def check_run_dir(run_dir: Path, *, overwrite: bool) -> bool:
+    """Reject a run directory that already contains a run unless ``overwrite``; return whether it contains one."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirectoryError(f"--run-dir {str(run_dir)!r} is a file; pass a folder path")
     holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in (rundir.HISTORY_FILE, rundir.CONFIG_FILE))
     if holds_run and not overwrite:
         raise RunDirectoryError(
             f"run directory {str(run_dir)!r} already contains a run; pass --overwrite to replace it, "
-            f"or choose another --run-dir"
+            f"--resume {str(run_dir)!r} to continue it, or choose another --run-dir"
         )
-    if holds_run:
+    return holds_run
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    """Reject a run directory that already contains a run unless ``overwrite``, which empties it first."""
+    if check_run_dir(run_dir, overwrite=overwrite):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

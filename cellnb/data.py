@@ -8,8 +8,11 @@ This module does not audit duplicates or leakage (see ``cellnb.audit``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import io
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -21,7 +24,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cellnb.errors import DataError
+from cellnb.errors import DataError, ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,11 @@ def discover_samples(
     classes = _check_classes(classes)
     if not root.is_dir():
         raise DataError(f"data directory {str(root)!r} not found; pass the folder that contains your images")
+    if not any(not is_ignored(entry.name) for entry in root.iterdir()):
+        raise DataError(
+            f"data directory {str(root)!r} is empty; put the images in class folders {classes}, "
+            f"optionally inside split folders train/ and valid/"
+        )
 
     layout = detect_layout(root)
     ignored: list[str] = []
@@ -126,11 +134,12 @@ def discover_samples(
             f"remove or repair them, or set skip_unreadable=True to train without them"
         )
 
-    if "split" not in samples or samples["split"].eq("").all():
+    splits_given = "split" in samples and not samples["split"].eq("").all()
+    if not splits_given:
         samples["split"] = assign_splits(samples, fractions=split_fractions, seed=seed)
 
     samples = samples.sort_values(["split", "label", "sample_id"], key=_split_order).reset_index(drop=True)
-    _check_splits(samples, classes, root)
+    _check_splits(samples, classes, root, check_test=splits_given)
     for row in skipped.itertuples():
         logger.warning("skipped unreadable file %s: %s", row.sample_id, row.reason)
     return Discovery(
@@ -174,7 +183,7 @@ def _find_split_folder(root: Path, split: str) -> Path | None:
 
 
 def _discover_split_folders(root: Path, classes: list[str], ignored: list[str]) -> pd.DataFrame:
-    frames = []
+    folders = {}
     for split in SPLITS:
         folder = _find_split_folder(root, split)
         if folder is None:
@@ -182,10 +191,37 @@ def _discover_split_folders(root: Path, classes: list[str], ignored: list[str]) 
                 continue
             names = " or ".join(f"{alias}/" for alias in SPLIT_FOLDER_NAMES[split])
             raise DataError(f"{str(root)!r} has a train/ folder but no {names}; add the {split} split or use class folders only")
+        folders[split] = folder
+    _check_same_classes(folders, classes, root)
+
+    frames = []
+    for split, folder in folders.items():
         frame = _list_class_files(folder, classes, ignored, root)
         frame["split"] = split
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def _check_same_classes(split_folders: dict[str, Path], classes: list[str], root: Path) -> None:
+    """Raise DataError when train/ has exactly the class folders but another split has different ones.
+
+    A train/ folder that is itself wrong is reported by ``_list_class_files``, which names the
+    missing or extra folder.
+    """
+    found = {
+        split: sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not is_ignored(entry.name))
+        for split, folder in split_folders.items()
+    }
+    if found["train"] != sorted(classes):
+        return
+    for split, names in found.items():
+        if names != found["train"]:
+            raise DataError(
+                f"the splits under {str(root)!r} have different class folders: "
+                f"{_relative_id(split_folders[split], root)}/ has {names} but "
+                f"{_relative_id(split_folders['train'], root)}/ has {found['train']}; "
+                f"give every split the same class folders {classes}"
+            )
 
 
 def _discover_class_folders(root: Path, classes: list[str], ignored: list[str]) -> pd.DataFrame:
@@ -223,6 +259,16 @@ def _list_class_files(folder: Path, classes: list[str], ignored: list[str], root
     return pd.DataFrame(rows, columns=["sample_id", "path", "label", "label_name"])
 
 
+def _check_inside_root(path: Path, root: Path) -> None:
+    """Raise DataError for a file, usually a symbolic link, whose real location is outside the data root."""
+    target = path.resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise DataError(
+            f"{_relative_id(path, root)} under {str(root)!r} resolves to {str(target)!r}, outside the data root, "
+            f"so it was not read; copy the file into the data directory or remove the link"
+        )
+
+
 def _walk_files(folder: Path, ignored: list[str], root: Path) -> list[Path]:
     files = []
     for current, subfolders, names in os.walk(folder):
@@ -244,12 +290,22 @@ def _relative_id(path: Path, root: Path) -> str:
     return "" if str(relative) == "." else PurePosixPath(*relative.parts).as_posix()
 
 
-def read_manifest(root: Path) -> pd.DataFrame:
-    """Read ``manifest.csv`` and normalise its split and group column names to ``split`` and ``group``."""
+def read_manifest(root: Path, *, required: Sequence[str] = ("path",)) -> pd.DataFrame:
+    """Read ``manifest.csv`` and normalise its split and group column names to ``split`` and ``group``.
+
+    Raises DataError when a ``required`` column is missing, or when a path is absolute or leaves
+    the data root with ``..``. Such paths are rejected before any file is opened.
+    """
     manifest_path = root / MANIFEST_NAME
     manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
-    if "path" not in manifest.columns:
-        raise DataError(f"{manifest_path} has no `path` column; its columns are {list(manifest.columns)}")
+    missing = [column for column in required if column not in manifest.columns]
+    if missing:
+        raise DataError(
+            f"{manifest_path} has no column {missing[0]!r}; its columns are {list(manifest.columns)}; "
+            f"a manifest needs the columns {list(required)}"
+        )
+    for value in manifest["path"]:
+        _check_manifest_path(value, manifest_path)
     for column in MANIFEST_SPLIT_COLUMNS:
         if column in manifest.columns and "split" not in manifest.columns:
             manifest = manifest.rename(columns={column: "split"})
@@ -260,14 +316,27 @@ def read_manifest(root: Path) -> pd.DataFrame:
     return manifest
 
 
+def _check_manifest_path(value: str, manifest_path: Path) -> None:
+    posix = PurePosixPath(value.replace("\\", "/"))
+    is_absolute = posix.is_absolute() or (len(value) > 1 and value[1] == ":")
+    if is_absolute or ".." in posix.parts or value.strip() == "":
+        raise DataError(
+            f"{manifest_path} lists path {value!r}, which is empty, absolute or outside the data root, so it was "
+            f"not read; write each path relative to the folder that contains manifest.csv, such as 'negative/img_001.png'"
+        )
+
+
 def _apply_manifest(root: Path, candidates: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, required=("path", "label"))
     if "split" in manifest.columns:
         manifest["split"] = manifest["split"].map(lambda value: _normalise_split(value, root))
     if "label" in manifest.columns:
         manifest["manifest_label"] = manifest["label"].map(lambda value: _label_index(value, classes, root))
         manifest = manifest.drop(columns=["label"])
     merged = candidates.drop(columns=["split"]).merge(manifest, how="left", left_on="sample_id", right_on="path", suffixes=("", "_manifest"))
+    listed = merged["path_manifest"].notna()
+    for sample_id in merged.loc[listed, "sample_id"]:
+        _check_inside_root(root / sample_id, root)
     merged = merged.drop(columns=["path_manifest"])
 
     unlisted = merged["split"].isna() if "split" in merged.columns else pd.Series(False, index=merged.index)
@@ -397,9 +466,12 @@ def _split_order(column: pd.Series) -> pd.Series:
     return column
 
 
-def _check_splits(samples: pd.DataFrame, classes: list[str], root: Path) -> None:
-    for split in ("train", "valid"):
+def _check_splits(samples: pd.DataFrame, classes: list[str], root: Path, *, check_test: bool) -> None:
+    """Require two readable images per class in train and valid, and in a test split that the data provides."""
+    for split in SPLITS:
         subset = samples[samples["split"] == split]
+        if split == "test" and (subset.empty or not check_test):
+            continue
         if subset.empty:
             raise DataError(f"no readable images in the {split} split under {str(root)!r}; every run needs train and valid images")
         for label, name in enumerate(classes):
@@ -477,19 +549,26 @@ def make_dataset(
     set. ``preprocess`` maps a float32 batch of RGB values in 0-255 to what the model expects.
     Each batch carries its sample ids, so consumers key results by ``sample_id`` and never rely
     on iteration order.
+
+    With ``shuffle``, pass ``k`` over the dataset is ordered by ``shuffle_order(n, seed, epoch)``
+    with ``epoch = first_epoch() + k``, so the order of an epoch depends only on the seed and
+    the epoch number. A resumed run builds its dataset inside ``shuffle_from_epoch(E)`` and
+    sees the same batches as an uninterrupted run.
     """
     import tensorflow as tf
 
+    _check_positive_int("image_size", image_size)
+    _check_positive_int("batch_size", batch_size)
     frame = samples.reset_index(drop=True)
-    dataset = tf.data.Dataset.from_tensor_slices(
-        {
-            "sample_id": frame["sample_id"].astype(str).to_numpy(),
-            "path": frame["path"].astype(str).to_numpy(),
-            "label": frame["label"].astype(np.int32).to_numpy(),
-        }
-    )
+    columns = {
+        "sample_id": frame["sample_id"].astype(str).to_numpy(),
+        "path": frame["path"].astype(str).to_numpy(),
+        "label": frame["label"].astype(np.int32).to_numpy(),
+    }
     if shuffle:
-        dataset = dataset.shuffle(len(frame), seed=seed, reshuffle_each_iteration=True)
+        dataset = _shuffled_rows(columns, seed=seed, first=_SHUFFLE_FIRST_EPOCH.get())
+    else:
+        dataset = tf.data.Dataset.from_tensor_slices(columns)
 
     def decode(path):
         return load_image(path.decode("utf-8"), image_size)
@@ -509,6 +588,45 @@ def make_dataset(
         return {"sample_id": batch["sample_id"], "image": images, "label": batch["label"]}
 
     return dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+_SHUFFLE_FIRST_EPOCH: contextvars.ContextVar[int] = contextvars.ContextVar("shuffle_first_epoch", default=0)
+
+
+@contextlib.contextmanager
+def shuffle_from_epoch(epoch: int):
+    """Make shuffled datasets built inside this block start at ``epoch`` (0-based) instead of 0."""
+    token = _SHUFFLE_FIRST_EPOCH.set(int(epoch))
+    try:
+        yield
+    finally:
+        _SHUFFLE_FIRST_EPOCH.reset(token)
+
+
+def shuffle_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """Return the sample order of one epoch: a permutation of ``range(count)`` fixed by seed and epoch."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(count)
+
+
+def _shuffled_rows(columns: dict, *, seed: int, first: int):
+    import tensorflow as tf
+
+    count = len(columns["label"])
+    epochs = itertools.count(first)
+    table = {name: tf.constant(values) for name, values in columns.items()}
+
+    def indices():
+        # tf.data calls this once per pass, and Keras' fit makes one pass per epoch.
+        yield from shuffle_order(count, seed, next(epochs))
+
+    positions = tf.data.Dataset.from_generator(indices, output_signature=tf.TensorSpec((), tf.int64))
+    positions = positions.apply(tf.data.experimental.assert_cardinality(count))
+    return positions.map(lambda index: {name: tf.gather(values, index) for name, values in table.items()})
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ParameterError(f"{name} must be a positive integer; got {value!r} ({type(value).__name__})")
 
 
 def model_inputs(dataset, *, head: str):
