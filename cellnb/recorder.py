@@ -38,15 +38,25 @@ class TrajectoryRecorder(_Callback):
         train_data: optionally the training set in the same form; its samples are then recorded
             too, in inference mode (dropout off), as ``train_probabilities``.
         previous: a ``rundir.Trajectories`` and history DataFrame of earlier epochs to continue.
+        input_key: the batch entry the model takes: ``"image"``, or ``"features"`` when the
+            model is a head trained on cached backbone features (``cellnb.features``).
+        phase: when given, written into each epoch's history row as the ``phase`` column.
+        scorer: a model from the fitted model's inputs to its ``logits`` layer; by default
+            ``cellnb.model.logits_model`` builds it. A head that shares its layers with a full
+            model needs it, because a shared layer's ``output`` belongs to the full model.
 
     Example:
         ``model.fit(train, epochs=20, callbacks=[TrajectoryRecorder(valid, "outputs/run1")])``
     """
 
-    def __init__(self, validation_data, run_dir, *, train_data=None, previous=None):
+    def __init__(self, validation_data, run_dir, *, train_data=None, previous=None, input_key="image", phase=None,
+                 scorer=None):
         super().__init__()
         self.validation_data = validation_data
         self.train_data = train_data
+        self.input_key = input_key
+        self.phase = phase
+        self.scorer = scorer
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._forward = None
@@ -79,7 +89,7 @@ class TrajectoryRecorder(_Callback):
 
         from cellnb.model import logits_model
 
-        scorer = logits_model(self.model)
+        scorer = self.scorer if self.scorer is not None else logits_model(self.model)
         units = scorer.output.shape[-1]
 
         @tf.function(reduce_retracing=True)
@@ -115,7 +125,10 @@ class TrajectoryRecorder(_Callback):
             self._train_logits.append(train_logits.astype(np.float32))
 
         logs["record_seconds"] = time.perf_counter() - started
-        self.rows.append({"epoch": epoch + 1, **{key: _scalar(value) for key, value in logs.items()}})
+        row = {"epoch": epoch + 1, **{key: _scalar(value) for key, value in logs.items()}}
+        if self.phase is not None:
+            row["phase"] = self.phase
+        self.rows.append(row)
         self.flush()
 
     def predict_logits(self, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,7 +137,7 @@ class TrajectoryRecorder(_Callback):
         for batch in dataset:
             ids.append(batch["sample_id"].numpy().astype(str))
             labels.append(batch["label"].numpy())
-            logits.append(self._forward(batch["image"]).numpy().astype(np.float64))
+            logits.append(self._forward(batch[self.input_key]).numpy().astype(np.float64))
         ids, labels, logits = np.concatenate(ids), np.concatenate(labels).astype(np.int64), np.concatenate(logits)
         order = np.argsort(ids, kind="stable")
         return ids[order], labels[order], logits[order]
@@ -198,6 +211,52 @@ class ProgressFile(_Callback):
             {"state": state, "epoch": epoch, "epochs": self.total, "metrics": logs,
              "elapsed_seconds": round(time.time() - self.started, 1), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")},
         )
+
+
+class FullModelCallback(_Callback):
+    """Run a callback against a full model while only its head is fitted on cached features.
+
+    Keras hands each callback the model being fitted, but a checkpoint must save the full
+    model (backbone and head). A ``stop_training`` that the callback sets on the full model is
+    passed on to the fitted head, so early stopping still stops the fit.
+    """
+
+    def __init__(self, callback, full_model):
+        super().__init__()
+        self.callback = callback
+        self.full_model = full_model
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.full_model.stop_training = False
+        self.callback.set_model(self.full_model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.callback.set_params(params)
+
+    def _forward(self, hook: str, *args) -> None:
+        getattr(self.callback, hook)(*args)
+        if getattr(self.full_model, "stop_training", False):
+            self.model.stop_training = True
+
+    def on_train_begin(self, logs=None):
+        self._forward("on_train_begin", logs)
+
+    def on_train_end(self, logs=None):
+        self._forward("on_train_end", logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._forward("on_epoch_begin", epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._forward("on_epoch_end", epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._forward("on_train_batch_begin", batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._forward("on_train_batch_end", batch, logs)
 
 
 def format_progress(epoch: int, total: int, logs: dict) -> str:

@@ -2,7 +2,9 @@
 
 ``prepare_run`` finds the samples and writes ``config.json`` and ``samples.csv``;
 ``build_for_run`` builds and compiles the model; ``train`` fits it with the trajectory
-recorder and saves ``model.keras``. Inspection and explanation only read what these write.
+recorder and saves ``model.keras``. While the backbone is frozen, ``train`` fits the head on
+cached backbone features (``cellnb.features``); an optional second phase then fine-tunes the
+top backbone layers. Inspection and explanation only read what these write.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 import cellnb
-from cellnb import data, rundir
+from cellnb import data, features, rundir
 from cellnb.audit import check_setup
+from cellnb.errors import ModelError
 from cellnb.model import PREPROCESSING, build_model, compile_model, get_preprocessing, resolve_preprocessing
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class RunSetup:
     synthetic: bool
     discovery: data.Discovery
     preprocessing: str
+    feature_stats: features.FeatureStats | None = field(default=None, repr=False)
 
     @property
     def classes(self) -> list[str]:
@@ -149,6 +153,11 @@ def make_datasets(setup: RunSetup) -> dict:
     }
 
 
+PHASE_HEAD = "head"
+PHASE_FINE_TUNE = "fine_tune"
+PHASE_FULL = "full"
+
+
 def train(
     setup: RunSetup,
     model,
@@ -159,30 +168,149 @@ def train(
     previous=None,
     callbacks=(),
 ) -> pd.DataFrame:
-    """Fit the model up to ``epochs`` epochs, recording trajectories, and save ``model.keras``.
+    """Fit the model for ``epochs`` plus ``fine_tune_epochs`` epochs, recording trajectories, and save ``model.keras``.
+
+    The first phase trains what ``trainable_layers`` leaves trainable, on cached backbone
+    features where the backbone is frozen (``phase`` ``head``). With ``fine_tune_epochs`` above
+    0, a second phase (``fine_tune``) trains the last ``fine_tune_layers`` backbone layers too,
+    at ``fine_tune_learning_rate``; epochs and trajectories continue across the phases.
 
     ``echo`` receives one progress line per epoch (the notebook passes ``print``). To continue
     an interrupted run, pass the number of finished epochs as ``initial_epoch`` and their
     ``(Trajectories, history DataFrame)`` as ``previous``. ``callbacks`` run after the recorder,
-    so they see its ``val_loss``. Returns the history table, which is also in ``history.csv``.
+    so they see its ``val_loss``; their ``model`` is always the full model, also while the head
+    alone is fitted. Returns the history table, which is also in ``history.csv``.
+    """
+    params = setup.params
+    head_epochs = params["epochs"]
+    fine_tune_epochs = params.get("fine_tune_epochs", 0)
+    _check_fine_tuning(params)
+
+    if initial_epoch < head_epochs:
+        previous = _train_first_phase(setup, model, echo=echo, verbose=verbose, initial_epoch=initial_epoch,
+                                      previous=previous, callbacks=callbacks)
+        initial_epoch = head_epochs
+    if fine_tune_epochs > 0 and initial_epoch < head_epochs + fine_tune_epochs:
+        unfreeze_top_layers(model, params.get("fine_tune_layers", 4))
+        # NOTE: a fresh optimizer starts the phase, so a run resumed inside it loses the optimizer state.
+        compile_model(model, head=params["head"], learning_rate=params.get("fine_tune_learning_rate", 1e-5),
+                      optimizer=params["optimizer"])
+        logger.info("fine-tuning the last %s backbone layers from epoch %d", params.get("fine_tune_layers", 4), initial_epoch + 1)
+        previous = _fit_on_images(setup, model, phase=PHASE_FINE_TUNE, epochs=head_epochs + fine_tune_epochs, echo=echo,
+                                  verbose=verbose, initial_epoch=initial_epoch, previous=previous, callbacks=callbacks)
+
+    save_model(model, setup.run_dir / rundir.MODEL_FILE)
+    return previous[1] if previous is not None else pd.DataFrame()
+
+
+def _check_fine_tuning(params: dict) -> None:
+    if params.get("fine_tune_epochs", 0) == 0:
+        return
+    if params["backbone"] == "small_cnn":
+        raise ModelError(
+            "fine_tune_epochs applies to a pretrained backbone, but small_cnn is trained from scratch with all "
+            "its layers already trainable; set fine_tune_epochs to 0 or choose backbone vgg16, mobilenet_v2 or resnet50"
+        )
+    if params.get("fine_tune_layers", 4) == 0:
+        raise ModelError("fine_tune_layers is 0, so the fine-tuning phase would train nothing; use a positive count or -1 for all")
+
+
+def first_phase(params: dict) -> str:
+    """Return the name of the first phase: ``head``, ``fine_tune`` (backbone layers trainable) or ``full`` (small_cnn)."""
+    if params["backbone"] == "small_cnn":
+        return PHASE_FULL
+    return PHASE_HEAD if params["trainable_layers"] == 0 else PHASE_FINE_TUNE
+
+
+def _train_first_phase(setup: RunSetup, model, **options):
+    reason = features.cache_unavailable_reason(setup.params)
+    if reason is None:
+        return _fit_on_features(setup, model, **options)
+    logger.info("running the backbone on every image in every epoch, without the feature cache, because %s", reason)
+    return _fit_on_images(setup, model, phase=first_phase(setup.params), epochs=setup.params["epochs"], **options)
+
+
+def _fit_on_images(setup: RunSetup, model, *, phase, epochs, echo, verbose, initial_epoch, previous, callbacks):
+    """Fit the full model on images up to epoch ``epochs``; return ``(Trajectories, history)``."""
+    from cellnb.recorder import TrajectoryRecorder
+
+    params = setup.params
+    # Each epoch's shuffled order then depends on its absolute epoch, in either phase and after resuming.
+    with data.shuffle_from_epoch(initial_epoch):
+        datasets = make_datasets(setup)
+    recorder = TrajectoryRecorder(datasets["valid"], setup.run_dir, train_data=datasets["train"], previous=previous,
+                                  phase=phase)
+    model.fit(datasets["fit"], epochs=epochs, initial_epoch=initial_epoch,
+              callbacks=_callbacks(setup, recorder, initial_epoch, echo, callbacks), shuffle=False, verbose=verbose)
+    return recorder.trajectories(), recorder.history()
+
+
+def _fit_on_features(setup: RunSetup, model, *, echo, verbose, initial_epoch, previous, callbacks):
+    """Fit the head alone on cached backbone features; the full model shares the head's layers."""
+    from cellnb.recorder import FullModelCallback, TrajectoryRecorder
+
+    params = setup.params
+    extractor, head, head_logits = features.split_model(model)
+    samples = setup.discovery.samples
+    needed = samples[samples["split"].isin(["train", "valid"])]
+    vectors, setup.feature_stats = features.load_features(
+        extractor, needed, cache_dir=params.get("cache_dir") or features.default_cache_dir(),
+        backbone=params["backbone"], image_size=params["image_size"], preprocessing=setup.preprocessing,
+        batch_size=params["batch_size"],
+    )
+
+    options = dict(batch_size=params["batch_size"])
+    train_samples = setup.discovery.split("train")
+    with data.shuffle_from_epoch(initial_epoch):
+        fit = features.make_feature_dataset(train_samples, vectors, shuffle=True, seed=params["seed"], **options)
+    valid = features.make_feature_dataset(setup.discovery.split("valid"), vectors, **options)
+    train_data = features.make_feature_dataset(train_samples, vectors, **options) if params["record_train"] else None
+
+    # The head shares the full model's optimizer, and so its state, which a checkpoint of the full model saves.
+    if model.optimizer is not None:
+        head.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
+    else:
+        compile_model(head, head=params["head"], learning_rate=params["learning_rate"], optimizer=params["optimizer"])
+    recorder = TrajectoryRecorder(valid, setup.run_dir, train_data=train_data, previous=previous, input_key="features",
+                                  phase=PHASE_HEAD, scorer=head_logits)
+    wrapped = [FullModelCallback(callback, model) for callback in callbacks]
+    head.fit(features.feature_inputs(fit, head=params["head"]), epochs=params["epochs"], initial_epoch=initial_epoch,
+             callbacks=_callbacks(setup, recorder, initial_epoch, echo, wrapped), shuffle=False, verbose=verbose)
+    return recorder.trajectories(), recorder.history()
+
+
+def _callbacks(setup: RunSetup, recorder, initial_epoch: int, echo, extra) -> list:
+    import keras
+
+    from cellnb.recorder import ProgressFile
+
+    total = setup.params["epochs"] + setup.params.get("fine_tune_epochs", 0)
+    return [
+        recorder,
+        ProgressFile(setup.run_dir, epochs=total, initial_epoch=initial_epoch, echo=echo),
+        keras.callbacks.TensorBoard(log_dir=str(setup.run_dir / "tensorboard"), write_graph=False),
+        *extra,
+    ]
+
+
+def unfreeze_top_layers(model, count: int) -> None:
+    """Make the last ``count`` layers of the model's backbone trainable (-1: all of them).
+
+    ``build_model`` calls a frozen backbone with ``training=False``, so its BatchNormalization
+    layers stay in inference mode after unfreezing, as the Keras transfer-learning guide advises.
+    A backbone built with ``trainable_layers`` other than 0 is called with ``training=None``
+    instead, and its BatchNormalization layers then update their statistics while training.
     """
     import keras
 
-    from cellnb.recorder import ProgressFile, TrajectoryRecorder
-
-    params = setup.params
-    datasets = make_datasets(setup)
-    recorder = TrajectoryRecorder(datasets["valid"], setup.run_dir, train_data=datasets["train"], previous=previous)
-    all_callbacks = [
-        recorder,
-        ProgressFile(setup.run_dir, epochs=params["epochs"], initial_epoch=initial_epoch, echo=echo),
-        keras.callbacks.TensorBoard(log_dir=str(setup.run_dir / "tensorboard"), write_graph=False),
-        *callbacks,
-    ]
-    model.fit(datasets["fit"], epochs=params["epochs"], initial_epoch=initial_epoch, callbacks=all_callbacks,
-              shuffle=False, verbose=verbose)
-    save_model(model, setup.run_dir / rundir.MODEL_FILE)
-    return recorder.history()
+    backbones = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(backbones) != 1:
+        raise ModelError(f"expected one nested backbone model to unfreeze, found {len(backbones)}; fine-tuning needs a pretrained backbone")
+    backbone = backbones[0]
+    backbone.trainable = True
+    if count != -1:
+        for layer in backbone.layers[:-count]:
+            layer.trainable = False
 
 
 def save_model(model, path: Path) -> None:
@@ -210,8 +338,25 @@ def describe_setup(setup: RunSetup) -> str:
         f"- preprocessing in effect: `{setup.preprocessing}`: {PREPROCESSING[setup.preprocessing]}",
         f"- training: {params['epochs']} epochs, batch size {params['batch_size']}, "
         f"{params['optimizer']} with learning rate {params['learning_rate']}, seed {params['seed']}",
+        f"- {describe_feature_cache(params)}",
     ]
+    if params.get("fine_tune_epochs", 0) > 0:
+        layers = "all backbone layers" if params["fine_tune_layers"] == -1 else f"the last {params['fine_tune_layers']} backbone layers"
+        lines.append(
+            f"- fine-tuning: then {params['fine_tune_epochs']} more epochs training {layers} too, "
+            f"with learning rate {params['fine_tune_learning_rate']} (phase `fine_tune` in `history.csv`)"
+        )
     return "\n".join(lines)
+
+
+def describe_feature_cache(params: dict) -> str:
+    """Return one Markdown line on whether the head trains on cached backbone features, and why not."""
+    reason = features.cache_unavailable_reason(params)
+    if reason is None:
+        folder = params.get("cache_dir") or features.default_cache_dir()
+        return (f"feature cache: on; the frozen backbone runs once per image, its features are kept in `{folder}` "
+                f"and the head trains on them (phase `head` in `history.csv`)")
+    return f"feature cache: off, the backbone runs on every image in every epoch, because {reason}"
 
 
 
