@@ -83,6 +83,13 @@ TRAIN = (
               check=_fractions),
     Parameter("skip_unreadable", bool, True, "train without files that cannot be decoded (they are listed)"),
     Parameter("record_train", bool, True, "also record training samples' probabilities each epoch (inference mode)"),
+    Parameter("fine_tune_epochs", int, 0, "epochs of a second phase that trains the top backbone layers too; 0 = none",
+              minimum=0, maximum=10000),
+    Parameter("fine_tune_layers", int, 4, "last backbone layers trained in the second phase; -1 = all "
+              "(VGG16's last block is 4 layers)", minimum=-1),
+    Parameter("fine_tune_learning_rate", float, 1e-5, "optimizer step size in the second phase", minimum=1e-9, maximum=10.0),
+    Parameter("feature_cache", bool, True, "train the head on cached backbone features while the backbone is frozen"),
+    Parameter("cache_dir", str, None, "folder of the feature cache; None = ~/.cache/cellnb/features", optional=True),
 )
 
 INSPECT = (
@@ -231,6 +238,11 @@ def _check_range(parameter: Parameter, value: Any) -> None:
 
 
 def _mismatch(parameter: Parameter, value: Any) -> ParameterError:
-    return ParameterError(
-        f"parameter {parameter.name!r} received {value!r} ({type(value).__name__}); expected {parameter.expected}"
-    )
+    message = f"parameter {parameter.name!r} received {value!r} ({type(value).__name__}); expected {parameter.expected}"
+    if parameter.kind is str and isinstance(value, (bool, int, float)):
+        # papermill -p turns text that looks like a number or a bool into one ("007" becomes 7).
+        message += (
+            f"; papermill -p converts text that looks like a number or a bool, so pass this text with "
+            f"papermill -r {parameter.name} VALUE, or quote it in a YAML file"
+        )
+    return ParameterError(message)

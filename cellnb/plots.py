@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from cellnb.errors import ParameterError
 from cellnb.explain import AMBIGUOUS_VARIABILITY, CATEGORIES, EASY_CONFIDENCE, THRESHOLD, predicted_labels
@@ -206,21 +207,25 @@ def plot_reliability_diagram(reliability_table: pd.DataFrame, *, columns: int = 
 
     figure = Figure(figsize=(4 * min(columns, len(groups)), 4 * math.ceil(len(groups) / columns)), layout="constrained")
     for axis, (epoch, table) in zip(_grid(figure, len(groups), columns), groups):
-        filled = table[table["count"] > 0]
-        centers = (filled["bin_lower"] + filled["bin_upper"]) / 2
-        widths = filled["bin_upper"] - filled["bin_lower"]
-        axis.bar(centers, filled["accuracy"], width=widths, color="tab:blue", edgecolor="black", label="accuracy")
-        axis.bar(centers, filled["gap"], bottom=filled["accuracy"], width=widths, fill=False, edgecolor="tab:red",
-                 hatch="//", label="gap to mean confidence")
-        axis.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1)
-        lowest = float(filled["bin_lower"].min()) if len(filled) else 0.5
-        axis.set_xlim(min(lowest, 0.5), 1.0)
-        axis.set_ylim(0, 1)
-        axis.set_xlabel("confidence of the predicted class")
-        axis.set_ylabel("accuracy")
-        axis.set_title("reliability" if epoch is None else f"epoch {epoch}")
-        axis.legend(loc="upper left", fontsize=8)
+        _draw_reliability(axis, table, "reliability" if epoch is None else f"epoch {epoch}")
     return figure
+
+
+def _draw_reliability(axis, table: pd.DataFrame, title: str) -> None:
+    filled = table[table["count"] > 0]
+    centers = (filled["bin_lower"] + filled["bin_upper"]) / 2
+    widths = filled["bin_upper"] - filled["bin_lower"]
+    axis.bar(centers, filled["accuracy"], width=widths, color="tab:blue", edgecolor="black", label="accuracy")
+    axis.bar(centers, filled["gap"], bottom=filled["accuracy"], width=widths, fill=False, edgecolor="tab:red",
+             hatch="//", label="gap to mean confidence")
+    axis.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1)
+    lowest = float(filled["bin_lower"].min()) if len(filled) else 0.5
+    axis.set_xlim(min(lowest, 0.5), 1.0)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("confidence of the predicted class")
+    axis.set_ylabel("accuracy")
+    axis.set_title(title)
+    axis.legend(loc="upper left", fontsize=8)
 
 
 def plot_temperature(calibration: pd.DataFrame) -> Figure:
@@ -400,3 +405,170 @@ def plot_label_issues(label_issues: pd.DataFrame, *, data_dir: str | os.PathLike
     figure = plot_thumbnails(paths, titles)
     figure.suptitle(title or f"{len(flagged)} likely label errors")
     return figure
+
+
+# --- views of one epoch and of one sample, drawn by cellnb.widgets and for static reports -------
+
+EPOCH_VIEW_COLUMNS = ["sample_id", "label", "probability", "loss"]
+
+
+def plot_epoch_view(
+    trajectories: Trajectories,
+    epoch_view: pd.DataFrame,
+    reliability: pd.DataFrame,
+    *,
+    classes: Sequence[str],
+    epoch: int,
+) -> Figure:
+    """Draw one epoch in three panels: trajectories up to it, the per-sample loss histogram, the reliability diagram.
+
+    ``epoch_view`` has one row per sample to draw, with ``sample_id, label, probability, loss``
+    at ``epoch`` (``cellnb.widgets.epoch_view`` builds it from ``cellnb.explain``), and
+    ``reliability`` is ``cellnb.explain.reliability_table`` of the same samples. The trajectory
+    panel draws each sample solid up to ``epoch`` and faint after it, with a dot at ``epoch``.
+    """
+    return plot_epoch_views(trajectories, {epoch: (epoch_view, reliability)}, classes=classes)
+
+
+def plot_epoch_views(
+    trajectories: Trajectories,
+    views: dict[int, tuple[pd.DataFrame, pd.DataFrame]],
+    *,
+    classes: Sequence[str],
+) -> Figure:
+    """Draw ``plot_epoch_view`` for several epochs, one row each, for a static report.
+
+    ``views`` maps an epoch to its ``(epoch_view, reliability)`` pair.
+    """
+    classes = _check_classes(classes)
+    if not views:
+        raise ParameterError("views is empty; pass at least one epoch with its (epoch_view, reliability) tables")
+    for epoch, (epoch_view, reliability) in views.items():
+        _check_columns(epoch_view, EPOCH_VIEW_COLUMNS, f"epoch_view of epoch {epoch}", "cellnb.widgets.epoch_view")
+        _check_columns(reliability, ["bin_lower", "bin_upper", "count", "mean_confidence", "accuracy", "gap"],
+                       f"reliability of epoch {epoch}", "cellnb.explain.reliability_table")
+
+    figure = Figure(figsize=(15, 4.2 * len(views)), layout="constrained")
+    axes = figure.subplots(len(views), 3, squeeze=False, width_ratios=(1.5, 1, 1))
+    for row, (epoch, (epoch_view, reliability)) in zip(axes, views.items()):
+        _draw_trajectories_until(row[0], trajectories, epoch_view, classes, int(epoch))
+        _draw_loss_histogram(row[1], epoch_view, classes, int(epoch))
+        if len(epoch_view):
+            _draw_reliability(row[2], reliability, f"reliability at epoch {epoch}")
+        else:
+            _draw_no_samples(row[2])
+    return figure
+
+
+def _draw_trajectories_until(axis, trajectories: Trajectories, epoch_view: pd.DataFrame, classes: list[str],
+                             epoch: int) -> None:
+    epochs = np.asarray(trajectories.epochs)
+    position = {sample_id: index for index, sample_id in enumerate(np.asarray(trajectories.sample_ids, dtype=str))}
+    columns = [position[str(sample_id)] for sample_id in epoch_view["sample_id"]]
+    probabilities = np.asarray(trajectories.probabilities)[:, columns]
+    labels = epoch_view["label"].to_numpy()
+    until = epochs <= epoch
+
+    for index in range(len(columns)):
+        color = CLASS_COLORS[int(labels[index])]
+        axis.plot(epochs[until], probabilities[until, index], color=color, linewidth=1.0, alpha=0.6)
+        axis.plot(epochs[epochs >= epoch], probabilities[epochs >= epoch, index], color=color, linewidth=0.6,
+                  alpha=0.12)
+    for label in (0, 1):
+        chosen = epoch_view[epoch_view["label"] == label]
+        axis.scatter(np.full(len(chosen), epoch), chosen["probability"], s=16, color=CLASS_COLORS[label], zorder=4,
+                     edgecolors="black", linewidths=0.4, label=f"true class: {classes[label]} ({len(chosen)})")
+    axis.axhline(THRESHOLD, color="black", linestyle="--", linewidth=1)
+    axis.axvline(epoch, color="grey", linewidth=1)
+    axis.set_xlim(epochs.min() - 0.2, epochs.max() + 0.2)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(f"P({classes[1]})")
+    axis.set_title(f"Trajectories up to epoch {epoch} ({len(epoch_view)} samples)")
+    axis.legend(loc="center left", fontsize=8)
+
+
+def _draw_loss_histogram(axis, epoch_view: pd.DataFrame, classes: list[str], epoch: int) -> None:
+    if not len(epoch_view):
+        _draw_no_samples(axis)
+        return
+    losses = epoch_view["loss"].to_numpy(dtype=float)
+    edges = np.linspace(0.0, max(float(losses.max()), 1.0), 21)
+    stacks = [losses[epoch_view["label"].to_numpy() == label] for label in (0, 1)]
+    axis.hist(stacks, bins=edges, stacked=True, color=list(CLASS_COLORS),
+              label=[f"true class: {name}" for name in classes])
+    axis.axvline(float(losses.mean()), color="black", linestyle="--", linewidth=1, label=f"mean {losses.mean():.3f}")
+    axis.set_xlabel(f"per-sample cross-entropy at epoch {epoch}")
+    axis.set_ylabel("samples")
+    axis.set_title(f"Loss per sample at epoch {epoch}")
+    axis.legend(fontsize=8)
+
+
+def _draw_no_samples(axis) -> None:
+    axis.text(0.5, 0.5, "no samples match the filter", ha="center", va="center")
+    axis.set_axis_off()
+
+
+def plot_sample_details(
+    sample_table: pd.DataFrame,
+    image_paths: Sequence[str | os.PathLike],
+    *,
+    classes: Sequence[str],
+    titles: Sequence[str] | None = None,
+    epoch_from: int | None = None,
+    epoch_to: int | None = None,
+) -> Figure:
+    """Draw one row per sample: its image, its probability of the scored class and its cross-entropy per epoch.
+
+    Takes the long table of ``cellnb.explain.sample_trajectories`` and one image path per
+    sample, in the order the samples first appear in the table. ``epoch_from``/``epoch_to``
+    shade the compared span. An image that cannot be read is shown as "cannot read".
+    """
+    classes = _check_classes(classes)
+    _check_columns(sample_table, ["sample_id", "label", "epoch", "probability", "loss"], "sample_table",
+                   "cellnb.explain.sample_trajectories")
+    sample_ids = list(pd.unique(sample_table["sample_id"]))
+    image_paths = list(image_paths)
+    if not sample_ids:
+        raise ParameterError("sample_table has no rows; pass at least one sample id to sample_trajectories")
+    if len(image_paths) != len(sample_ids):
+        raise ParameterError(f"image_paths has {len(image_paths)} entries for {len(sample_ids)} samples; pass one per sample")
+    titles = list(titles) if titles is not None else [_short_name(sample_id) for sample_id in sample_ids]
+
+    figure = Figure(figsize=(12, 3.0 * len(sample_ids)), layout="constrained")
+    axes = figure.subplots(len(sample_ids), 3, squeeze=False, width_ratios=(0.7, 1, 1))
+    for row, sample_id, path, title in zip(axes, sample_ids, image_paths, titles):
+        rows_of_sample = sample_table[sample_table["sample_id"] == sample_id]
+        label = int(rows_of_sample["label"].iloc[0])
+        _draw_image(row[0], path, f"{title}\ntrue: {classes[label]}")
+
+        row[1].plot(rows_of_sample["epoch"], rows_of_sample["probability"], color=CLASS_COLORS[label], marker="o",
+                    markersize=3)
+        row[1].axhline(THRESHOLD, color="black", linestyle=":", linewidth=1)
+        row[1].set_ylim(-0.02, 1.02)
+        row[1].set_ylabel(f"P({classes[1]})")
+        row[1].set_title("probability of the scored class", fontsize=9)
+
+        row[2].plot(rows_of_sample["epoch"], rows_of_sample["loss"], color="grey", marker="o", markersize=3)
+        row[2].set_ylim(bottom=0)
+        row[2].set_ylabel("cross-entropy")
+        row[2].set_title("loss of this sample", fontsize=9)
+        for axis in row[1:]:
+            axis.set_xlabel("epoch")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if epoch_from is not None and epoch_to is not None:
+                axis.axvspan(epoch_from, epoch_to, color="grey", alpha=0.12)
+    return figure
+
+
+def _draw_image(axis, path, title: str) -> None:
+    try:
+        image = matplotlib.image.imread(path)
+    except (OSError, ValueError) as error:
+        logger.warning("cannot show image %s: %s", path, error)
+        axis.text(0.5, 0.5, f"cannot read\n{_short_name(path)}", ha="center", va="center", fontsize=8, color="red")
+    else:
+        axis.imshow(image, cmap="gray" if image.ndim == 2 else None)
+    axis.set_title(title, fontsize=8)
+    axis.set_axis_off()

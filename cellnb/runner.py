@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -67,16 +68,22 @@ def run_notebooks(
     kernel_name: str = "python3",
     echo: Callable[[str], None] = logger.info,
     report_code: bool = True,
+    names: tuple[str, ...] = NOTEBOOKS,
 ) -> list[NotebookResult]:
-    """Run 01, 02 and 03 in order; each receives the parameters it declares from ``values``."""
+    """Run the notebooks ``names`` (by default 01, 02 and 03) in order; each receives the parameters it declares from ``values``.
+
+    A notebook counts as finished only when every code cell ran without an error: papermill
+    does not raise for ``sys.exit(0)``, so the executed notebook is inspected as well.
+    """
     import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     run_dir = Path(run_dir).resolve()
     notebooks_dir = Path(notebooks_dir or default_notebooks_dir())
     (run_dir / NOTEBOOKS_FOLDER).mkdir(parents=True, exist_ok=True)
     (run_dir / REPORTS_FOLDER).mkdir(parents=True, exist_ok=True)
     results = []
-    for name in NOTEBOOKS:
+    for name in names:
         source = notebooks_dir / f"{name}.ipynb"
         if not source.is_file():
             raise CellnbError(f"notebook {source} not found; pass --notebooks with the folder that contains {name}.ipynb")
@@ -96,9 +103,17 @@ def run_notebooks(
             )
         except papermill.PapermillExecutionError as error:
             failure = NotebookFailed(name, error.exec_count, error.source, f"{error.ename}: {error.evalue}")
+        except (DeadKernelError, CellTimeoutError) as error:
+            failure = NotebookFailed(name, None, "", f"{type(error).__name__}: {error}")
         finally:
             if watcher is not None:
                 watcher.stop()
+        if output.is_file():
+            # The executed notebook names the cell and its error even where papermill does not
+            # raise (sys.exit(0)) or raises without the error text (a missing line magic).
+            found = find_failed_cell(output, name)
+            if found is not None and (failure is None or failure.source):
+                failure = found
 
         report = render_html(output, run_dir / REPORTS_FOLDER / f"{name}.html", failure=failure, report_code=report_code)
         result = NotebookResult(name, output, report, time.time() - started, failure)
@@ -109,6 +124,100 @@ def run_notebooks(
             raise failure
     write_index(run_dir, results)
     return results
+
+
+def find_failed_cell(notebook_path: Path, name: str) -> NotebookFailed | None:
+    """Return the first code cell of an executed notebook that failed or never ran, else None.
+
+    A cell failed when it has an error output (an exception, ``sys.exit``) or papermill marked
+    it failed (a line magic that does not exist prints ``UsageError`` to stderr without an error
+    output). A cell with source but no execution count never ran, because an earlier cell
+    stopped the kernel.
+    """
+    import nbformat
+
+    notebook = nbformat.read(str(notebook_path), as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type != "code" or not cell.source.strip():
+            continue
+        errors = [output for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+        if errors:
+            return NotebookFailed(name, cell.execution_count, cell.source, f"{errors[0].ename}: {errors[0].evalue}")
+        status = cell.get("metadata", {}).get("papermill", {}).get("status")
+        if status == "failed":
+            return NotebookFailed(name, cell.execution_count, cell.source, _stderr_text(cell) or "the cell failed")
+        if cell.execution_count is None:
+            return NotebookFailed(name, None, cell.source, "the cell never ran: an earlier cell stopped the notebook")
+    return None
+
+
+def _stderr_text(cell) -> str:
+    streams = [output.get("text", "") for output in cell.get("outputs", [])
+               if output.get("output_type") == "stream" and output.get("name") == "stderr"]
+    return "".join(streams).strip()
+
+
+def check_before_run(notebooks_dir: Path | None, kernel_name: str, names: tuple[str, ...] = NOTEBOOKS) -> None:
+    """Check that each notebook has a ``parameters`` cell and that the kernel can import TensorFlow and cellnb."""
+    notebooks_dir = Path(notebooks_dir or default_notebooks_dir())
+    for name in names:
+        check_parameters_cell(notebooks_dir / f"{name}.ipynb")
+    check_kernel(kernel_name)
+
+
+def check_parameters_cell(path: Path) -> None:
+    """Raise CellnbError when a notebook is missing or has no code cell tagged ``parameters``."""
+    import nbformat
+
+    if not path.is_file():
+        raise CellnbError(f"notebook {path} not found; pass --notebooks with the folder that contains {path.name}")
+    notebook = nbformat.read(str(path), as_version=4)
+    tagged = [cell for cell in notebook.cells
+              if cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", [])]
+    if not tagged:
+        raise CellnbError(
+            f"notebook {path} has no code cell tagged 'parameters', so papermill cannot set its parameters; "
+            f"add the tag 'parameters' to the cell that holds the defaults"
+        )
+
+
+def check_kernel(kernel_name: str, *, timeout: float = 300.0) -> None:
+    """Raise CellnbError when the Jupyter kernel is not installed or its Python cannot import TensorFlow and cellnb.
+
+    Runs the kernel's own interpreter (``argv[0]`` of its kernel spec, with ``python`` replaced
+    by this interpreter as jupyter_client does) with ``-c "import tensorflow, cellnb"``.
+    """
+    import subprocess
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    manager = KernelSpecManager()
+    try:
+        spec = manager.get_kernel_spec(kernel_name)
+    except NoSuchKernel:
+        raise CellnbError(
+            f"Jupyter kernel {kernel_name!r} not found; installed kernels are {sorted(manager.find_kernel_specs())}; "
+            f"pass one with --kernel, or install this environment's kernel with "
+            f"`python -m ipykernel install --user --name {kernel_name}`"
+        ) from None
+    executable = spec.argv[0] if spec.argv else ""
+    if executable in {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}:
+        executable = sys.executable
+    if spec.language.lower() != "python":
+        raise CellnbError(f"Jupyter kernel {kernel_name!r} runs {spec.language}, not Python; pass a Python kernel with --kernel")
+
+    try:
+        completed = subprocess.run([executable, "-c", "import tensorflow, cellnb"], capture_output=True, text=True,
+                                   timeout=timeout, env={**os.environ, **spec.env} if spec.env else None)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise CellnbError(f"could not start the Python of Jupyter kernel {kernel_name!r} ({executable}): {error}") from None
+    if completed.returncode != 0:
+        last_line = (completed.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise CellnbError(
+            f"the Python of Jupyter kernel {kernel_name!r} ({executable}) cannot import tensorflow and cellnb: "
+            f"{last_line}; install cellnb into that environment (pip install -e .) or pass another kernel with --kernel"
+        )
 
 
 class ProgressWatcher:
@@ -133,9 +242,26 @@ class ProgressWatcher:
     def _report(self) -> None:
         progress = self._read(self.path)
         epoch = int(progress.get("epoch", 0) or 0)
-        if epoch > self.seen and progress.get("metrics"):
-            self.seen = epoch
-            self.echo("  " + self._format(epoch, int(progress.get("epochs", epoch)), progress["metrics"]))
+        if epoch <= self.seen or not progress.get("metrics"):
+            return
+        total = int(progress.get("epochs", epoch))
+        for finished, metrics in self._epochs_since_last_echo(epoch, progress["metrics"]):
+            self.echo("  " + self._format(finished, total, metrics))
+        self.seen = epoch
+
+    def _epochs_since_last_echo(self, epoch: int, latest: dict) -> list[tuple[int, dict]]:
+        """Return every epoch finished since the last echo, with its metrics from ``history.csv``.
+
+        Epochs can finish faster than the polling interval, and ``progress.json`` keeps only the
+        latest one, so the earlier ones are read from the history, which is written first.
+        """
+        try:
+            history = pd.read_csv(self.path.parent / rundir.HISTORY_FILE)
+            rows = {int(row["epoch"]): row for row in history.to_dict("records")}
+        except (OSError, ValueError, KeyError):
+            rows = {}
+        rows[epoch] = latest
+        return [(finished, rows[finished]) for finished in range(self.seen + 1, epoch + 1) if finished in rows]
 
     def stop(self) -> None:
         self._stop.set()
@@ -149,6 +275,7 @@ def render_html(notebook: Path, target: Path, *, failure: NotebookFailed | None 
     from nbconvert import HTMLExporter
 
     node = nbformat.read(str(notebook), as_version=4)
+    replace_widget_views(node)
     exporter = HTMLExporter(template_name="lab")
     exporter.exclude_input = not report_code
     exporter.exclude_input_prompt = not report_code
@@ -163,6 +290,30 @@ def render_html(notebook: Path, target: Path, *, failure: NotebookFailed | None 
         body = body[:position] + banner + body[position:]
     rundir.atomic_write_bytes(target, body.encode("utf-8"))
     return target
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = (
+    '<p class="cellnb-widget-note" style="font-style:italic;color:#555">Interactive widget: open the notebook '
+    "in JupyterLab to use it. The figure below shows the same view as a static image.</p>"
+)
+
+
+def replace_widget_views(node) -> int:
+    """Replace every widget output of a notebook node by a short note, and drop the saved widget state.
+
+    Rendering widgets in HTML needs the widget manager JavaScript from a CDN, which a report
+    opened offline cannot load, so the report would show an empty box. The notebooks put a
+    static figure after each widget instead. Returns the number of outputs replaced.
+    """
+    node.metadata.pop("widgets", None)
+    replaced = 0
+    for cell in node.cells:
+        for output in cell.get("outputs", []):
+            if WIDGET_VIEW in output.get("data", {}):
+                output["data"] = {"text/html": WIDGET_NOTE}
+                replaced += 1
+    return replaced
 
 
 def write_index(run_dir: Path, results: list[NotebookResult]) -> Path:
@@ -184,6 +335,7 @@ def write_index(run_dir: Path, results: list[NotebookResult]) -> Path:
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head>
 <body><h1>cellnb run <code>{html.escape(run_dir.name)}</code></h1>
 {key_numbers_html(run_dir)}
+{history_figure_html(run_dir)}
 <h2>Reports</h2><table><tr><th>notebook</th><th>report</th><th>state</th></tr>{''.join(rows)}</table>
 <p>Run directory: <code>{html.escape(str(run_dir))}</code></p></body></html>
 """
@@ -230,6 +382,28 @@ def key_numbers_html(run_dir: Path) -> str:
     ]
     table = "".join(f"<tr><th>{html.escape(label)}</th><td>{html.escape(str(value))}</td></tr>" for label, value in rows)
     return f"<h2>Key numbers</h2><table>{table}</table>{top_contributors_html(run_dir)}"
+
+
+def history_figure_html(run_dir: Path) -> str:
+    """Return the loss and accuracy curves of ``history.csv`` as an embedded PNG, or "" without history."""
+    import base64
+    import io
+
+    from cellnb import plots
+
+    history_path = Path(run_dir) / rundir.HISTORY_FILE
+    if not history_path.is_file():
+        return ""
+    history = pd.read_csv(history_path)
+    if history.empty or history["val_loss"].isna().all():
+        return ""
+    buffer = io.BytesIO()
+    plots.plot_history(history).savefig(buffer, format="png", dpi=72)
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (
+        '<h2>Curves</h2><img alt="training and validation loss and accuracy per epoch" '
+        f'style="max-width:100%" src="data:image/png;base64,{encoded}">'
+    )
 
 
 def top_contributors_html(run_dir: Path, count: int = 5) -> str:
