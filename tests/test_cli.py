@@ -159,3 +159,32 @@ def test_synth_command_writes_the_default_layout(tmp_path):
     assert again.returncode == 2
     assert again.stderr.startswith("error: ")
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.slow
+def test_run_lists_corrupt_hidden_and_misnamed_files(tiny_synthetic, tmp_path):
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, data_dir)
+    (data_dir / "train" / "negative" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    checkpoint = data_dir / "valid" / "positive" / ".ipynb_checkpoints"
+    checkpoint.mkdir()
+    shutil.copy(next((data_dir / "valid" / "positive").glob("*.png")), checkpoint / "copy-checkpoint.png")
+    shutil.move(next((data_dir / "train" / "positive").glob("*.png")), data_dir / "train" / "positive" / "really_a_png.jpg")
+    run_dir = tmp_path / "run"
+
+    completed = _run(["--data-dir", str(data_dir), "--run-dir", str(run_dir), *FAST], PROJECT_ROOT)
+
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    training_report = (run_dir / "reports" / "01_train.html").read_text()
+    assert "train/negative/corrupt.png" in training_report
+    assert "not an image that Pillow can identify" in training_report
+    assert "valid/positive/.ipynb_checkpoints/" in training_report
+    audit_report = (run_dir / "reports" / "02_inspect_validation.html").read_text()
+    assert "train/negative/corrupt.png" in audit_report
+    assert "really_a_png.jpg" in audit_report
+    assert ".ipynb_checkpoints" in audit_report
+    samples = pd.read_csv(run_dir / "samples.csv")
+    assert "train/positive/really_a_png.jpg" in set(samples["sample_id"])
+    assert "train/negative/corrupt.png" not in set(samples["sample_id"])
