@@ -299,7 +299,7 @@ def audit_data(
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"data directory {str(root)!r} not found; pass the folder that contains your images")
-    classes = _check_classes(classes)
+    classes = data.check_classes(classes)
     near_threshold = _check_threshold(near_threshold)
     pattern = _compile_group_pattern(group_pattern)
     image_size = _check_image_size(image_size)
@@ -385,18 +385,6 @@ def write_split_audit(run_dir: str | os.PathLike, report: AuditReport) -> Path:
 
 
 # --- input checks ----------------------------------------------------------------------------
-
-
-def _check_classes(classes: Sequence[str]) -> list[str]:
-    if isinstance(classes, str) or len(classes) != 2:
-        raise DataError(
-            f"classes must name exactly two class folders, negative first and scored class second, "
-            f"for example ['negative', 'positive']; got {classes!r}"
-        )
-    names = [str(name) for name in classes]
-    if names[0] == names[1] or not all(names):
-        raise DataError(f"classes must be two different, non-empty folder names; got {classes!r}")
-    return names
 
 
 def _check_threshold(value) -> int:

@@ -100,7 +100,7 @@ def discover_samples(
         ``Discovery.skipped``.
     """
     root = Path(data_dir).expanduser()
-    classes = _check_classes(classes)
+    classes = check_classes(classes)
     if not root.is_dir():
         raise DataError(f"data directory {str(root)!r} not found; pass the folder that contains your images")
     if not any(not is_ignored(entry.name) for entry in root.iterdir()):
@@ -162,16 +162,17 @@ def detect_layout(root: Path) -> str:
     return "class_folders"
 
 
-def _check_classes(classes: Sequence[str]) -> list[str]:
+def check_classes(classes: Sequence[str]) -> list[str]:
+    """Return the two class names as strings, or raise DataError naming what is wrong with them."""
     if isinstance(classes, str) or len(classes) != 2:
         raise DataError(
             f"classes must name exactly two class folders, negative first and scored class second, "
             f"for example ['negative', 'positive']; got {classes!r}"
         )
-    classes = [str(name) for name in classes]
-    if classes[0] == classes[1]:
-        raise DataError(f"classes must be two different folder names; got {classes!r}")
-    return classes
+    names = [str(name) for name in classes]
+    if names[0] == names[1] or not all(names):
+        raise DataError(f"classes must be two different, non-empty folder names; got {classes!r}")
+    return names
 
 
 def _find_split_folder(root: Path, split: str) -> Path | None:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +77,7 @@ class EpochCheckpoint(_Callback):
         target = checkpoint_path(self.run_dir, epoch + 1)
         target.parent.mkdir(parents=True, exist_ok=True)
         rundir.write_json(_seeds_path(target), {"seed_generator_states": _seed_states(self.model)})
-        _save_atomically(self.model, target)
+        rundir.save_model(self.model, target)
         for old in checkpoint_epochs(self.run_dir)[: -self.keep]:
             checkpoint_path(self.run_dir, old).unlink(missing_ok=True)
             _seeds_path(checkpoint_path(self.run_dir, old)).unlink(missing_ok=True)
@@ -114,17 +113,6 @@ def load_checkpoint(path: str | os.PathLike):
     for variable, state in zip(variables, states):
         variable.assign(np.asarray(state, dtype=variable.dtype))
     return model
-
-
-def _save_atomically(model, path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".keras", dir=path.parent)
-    os.close(handle)
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def load_model(path: str | os.PathLike):
@@ -288,7 +276,7 @@ def resume_training(run_dir: str | os.PathLike, *, echo: Callable[[str], None] |
     tf.config.experimental.enable_op_determinism()
     model = load_checkpoint(point.checkpoint)
     if point.epoch >= checked["epochs"]:
-        train.save_model(model, run_dir / rundir.MODEL_FILE)
+        rundir.save_model(model, run_dir / rundir.MODEL_FILE)
         return point.history
     with data.shuffle_from_epoch(point.epoch):
         return train.train(setup, model, echo=echo, initial_epoch=point.epoch, previous=(point.trajectories, point.history),

@@ -129,6 +129,19 @@ def write_trajectories(path: Path, trajectories: Trajectories) -> None:
         raise
 
 
+def save_model(model, path: Path) -> None:
+    """Save a Keras model atomically: into a temporary ``.keras`` file beside it, then rename."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".keras", dir=path.parent)
+    os.close(handle)
+    try:
+        model.save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def read_trajectories(path: Path) -> Trajectories:
     with np.load(path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}

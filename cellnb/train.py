@@ -10,9 +10,7 @@ top backbone layers. Inspection and explanation only read what these write.
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +197,7 @@ def train(
         previous = _fit_on_images(setup, model, phase=PHASE_FINE_TUNE, epochs=head_epochs + fine_tune_epochs, echo=echo,
                                   verbose=verbose, initial_epoch=initial_epoch, previous=previous, callbacks=callbacks)
 
-    save_model(model, setup.run_dir / rundir.MODEL_FILE)
+    rundir.save_model(model, setup.run_dir / rundir.MODEL_FILE)
     return previous[1] if previous is not None else pd.DataFrame()
 
 
@@ -234,7 +232,6 @@ def _fit_on_images(setup: RunSetup, model, *, phase, epochs, echo, verbose, init
     """Fit the full model on images up to epoch ``epochs``; return ``(Trajectories, history)``."""
     from cellnb.recorder import TrajectoryRecorder
 
-    params = setup.params
     # Each epoch's shuffled order then depends on its absolute epoch, in either phase and after resuming.
     with data.shuffle_from_epoch(initial_epoch):
         datasets = make_datasets(setup)
@@ -311,18 +308,6 @@ def unfreeze_top_layers(model, count: int) -> None:
     if count != -1:
         for layer in backbone.layers[:-count]:
             layer.trainable = False
-
-
-def save_model(model, path: Path) -> None:
-    """Save a Keras model atomically: into a temporary ``.keras`` file beside it, then rename."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".keras", dir=path.parent)
-    os.close(handle)
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def describe_setup(setup: RunSetup) -> str:
