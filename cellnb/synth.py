@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COUNTS = {"train": (154, 154), "valid": (26, 26), "test": (77, 77)}
 DEFAULT_IMAGE_SIZE = 96
-DEFAULT_MISLABEL_RATES = {"train": 0.04, "valid": 0.1, "test": 0.1}
+DEFAULT_MISLABEL_RATES = {"train": 0.02, "valid": 0.1, "test": 0.1}
 DEFAULT_AMBIGUOUS_RATE = 0.1
 SPLITS = ("train", "valid", "test")
 MANIFEST_FILE = "manifest.csv"
@@ -116,7 +116,7 @@ def generate_synthetic_cells(
     mislabel_rate : float or dict, optional
         Share of each class folder, in [0, 0.5), whose images show the other class: one share
         for every split, or ``{split: share}``. The default, ``DEFAULT_MISLABEL_RATES``, flips
-        10% of the validation and test folders but only 4% of the training folders: enough
+        10% of the validation and test folders but only 2% of the training folders: enough
         training noise for a model to start memorizing it after a few epochs, while what it
         learned from the clean majority still holds, so the validation accuracy stays flat
         while confidence in the mislabeled validation images grows and the validation loss

@@ -155,7 +155,7 @@ def test_default_mislabel_rates_flip_fewer_training_images(tmp_path):
     manifest = generate_synthetic_cells(tmp_path / "d", image_size=16)
 
     flipped = manifest.groupby(["split", "label"])["mislabeled"].sum().to_dict()
-    assert flipped[("train", "negative")] == round(0.04 * 154) == 6
+    assert flipped[("train", "negative")] == round(0.02 * 154) == 3
     assert flipped[("valid", "positive")] == round(0.1 * 26) == 3
     assert flipped[("test", "negative")] == round(0.1 * 77) == 8
 
