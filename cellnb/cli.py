@@ -24,7 +24,11 @@ DEFAULT_RUN_NAME = "run"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cellnb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cellnb",
+        description="Train, audit and explain binary cell-image classifiers: run the notebooks, audit a data "
+                    "directory, or write the built-in synthetic images.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train, inspect and explain: run the three notebooks into a run directory")
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1 if error.__class__.__name__ == "NotebookFailed" else 2
     except KeyboardInterrupt:
-        print("interrupted; finished epochs are kept in the run directory", file=sys.stderr)
+        print("interrupted; the finished epochs are kept in the run directory, continue with "
+              "`cellnb run --resume RUN_DIR`", file=sys.stderr)
         return 130
 
 
@@ -124,8 +129,11 @@ def command_run(args) -> int:
     if args.resume:
         return command_resume(args)
     values = collect_parameters(args.parameter, args.parameters_file)
+    check_training_values(values)
     if args.data_dir:
         data_dir = Path(args.data_dir).expanduser()
+        if data_dir.is_file():
+            raise ParameterError(f"--data-dir {args.data_dir!r} is a file; pass the folder that contains your images")
         if not data_dir.is_dir():
             raise ParameterError(f"--data-dir {args.data_dir!r} not found; pass the folder that contains your images")
         values["data_dir"] = str(data_dir.resolve())
@@ -141,6 +149,23 @@ def command_run(args) -> int:
                   echo=lambda line: print(line, flush=True), report_code=not args.no_code)
     print(f"reports: {run_dir / 'reports' / 'index.html'}")
     return 0
+
+
+def check_training_values(values: dict) -> None:
+    """Reject, before any kernel starts, values that would only fail after training."""
+    known = parameters.all_parameters()
+    epochs = values.get("epochs", known["epochs"].default) + values.get("fine_tune_epochs", known["fine_tune_epochs"].default)
+    if epochs < 2:
+        raise ParameterError(
+            f"parameter 'epochs' received {values.get('epochs')!r}; cellnb run explains the change of the validation "
+            f"loss between two epochs, so it needs at least 2 (run notebooks/01_train.ipynb alone for a 1-epoch run)"
+        )
+    weights = values.get("weights")
+    if weights not in (None, "imagenet") and not Path(weights).expanduser().is_file():
+        raise ParameterError(
+            f"parameter 'weights' received {weights!r}, which is neither 'imagenet', None nor an existing file; "
+            f"pass the path of a weights file of the backbone without its top"
+        )
 
 
 def check_data(data_dir: Path, values: dict) -> None:

@@ -131,7 +131,7 @@ def discover_samples(
         listing = "; ".join(f"{row.sample_id}: {row.reason}" for row in skipped.head(10).itertuples())
         raise DataError(
             f"{len(skipped)} file(s) under {str(root)!r} cannot be decoded as images ({listing}); "
-            f"remove or repair them, or set skip_unreadable=True to train without them"
+            f"remove or repair them, or pass -p skip_unreadable true (skip_unreadable = True in the notebook) to train without them"
         )
 
     splits_given = "split" in samples and not samples["split"].eq("").all()
@@ -298,7 +298,15 @@ def read_manifest(root: Path, *, required: Sequence[str] = ("path",)) -> pd.Data
     the data root with ``..``. Such paths are rejected before any file is opened.
     """
     manifest_path = root / MANIFEST_NAME
-    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    try:
+        manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{manifest_path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            f"save it as a UTF-8 CSV file (in Excel: 'CSV UTF-8')"
+        ) from None
+    except pd.errors.ParserError as error:
+        raise DataError(f"{manifest_path} is not a valid CSV file: {error}") from None
     missing = [column for column in required if column not in manifest.columns]
     if missing:
         raise DataError(

@@ -986,7 +986,7 @@ def _share_text(part: float, whole: float) -> str:
 def _category_sentence(decomposition: pd.DataFrame, change: float) -> str:
     summary = summarize_categories(decomposition)
     nonzero = summary[summary["total_contribution"] != 0].sort_values("total_contribution", ascending=False)
-    parts = [f"`{row.category}` ({row.count} samples) {_share_text(row.total_contribution, change)}"
+    parts = [f"`{row.category}` ({row.count} sample{'' if row.count == 1 else 's'}) {_share_text(row.total_contribution, change)}"
              for row in nonzero.itertuples()]
     return "Share of the rise by category: " + ", ".join(parts) + "."
 

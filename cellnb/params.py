@@ -60,7 +60,8 @@ def _fractions(value) -> str | None:
     return None
 
 
-RUN_DIR = Parameter("run_dir", str, "outputs/demo", "folder the run writes to (notebooks 02 and 03 read it)")
+RUN_DIR = Parameter("run_dir", str, "../outputs/demo",
+                    "folder the run writes to (notebooks 02 and 03 read it); a relative path starts at the kernel's folder")
 
 TRAIN = (
     Parameter("data_dir", str, "", "image folder; empty = generate the built-in synthetic cells into RUN_DIR/data"),

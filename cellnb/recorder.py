@@ -200,6 +200,11 @@ class ProgressFile(_Callback):
         logger.info(line)
         if self.echo is not None:
             self.echo(line)
+        if (self.path.parent / rundir.STOP_FILE).exists():
+            # `cellnb run` writes this file on Ctrl-C, because the kernel runs in its own process
+            # group and never receives the terminal's interrupt.
+            logger.warning("stop requested: training stops after epoch %d", epoch + 1)
+            self.model.stop_training = True
 
     def on_train_end(self, logs=None):
         current = json_or_empty(self.path)

@@ -250,7 +250,7 @@ def resume_training(run_dir: str | os.PathLike, *, echo: Callable[[str], None] |
         raise RunDirectoryError(f"{run_dir / rundir.SAMPLES_FILE} not found; the run cannot be resumed, start it again with --overwrite")
     originals = {name: (run_dir / name).read_bytes() for name in (rundir.CONFIG_FILE, rundir.SAMPLES_FILE)}
     old_samples = pd.read_csv(run_dir / rundir.SAMPLES_FILE, dtype={"sample_id": str}, keep_default_na=False)
-    setup = train.prepare_run(checked)
+    setup = train.prepare_run(checked, resuming=True)
     try:
         _check_same_samples(old_samples, train.samples_table(setup.discovery), run_dir)
     except RunDirectoryError:

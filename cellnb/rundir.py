@@ -24,6 +24,7 @@ HISTORY_FILE = "history.csv"
 TRAJECTORIES_FILE = "trajectories.npz"
 MODEL_FILE = "model.keras"
 PROGRESS_FILE = "progress.json"
+STOP_FILE = "stop_requested"
 SAMPLE_COLUMNS = ["sample_id", "split", "label", "label_name", "group", "sha256", "width", "height", "mode"]
 
 

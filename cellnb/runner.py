@@ -11,6 +11,7 @@ import html
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -75,13 +76,54 @@ def run_notebooks(
     A notebook counts as finished only when every code cell ran without an error: papermill
     does not raise for ``sys.exit(0)``, so the executed notebook is inspected as well.
     """
-    import papermill
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
-
     run_dir = Path(run_dir).resolve()
     notebooks_dir = Path(notebooks_dir or default_notebooks_dir())
     (run_dir / NOTEBOOKS_FOLDER).mkdir(parents=True, exist_ok=True)
     (run_dir / REPORTS_FOLDER).mkdir(parents=True, exist_ok=True)
+    with StopOnInterrupt(run_dir, echo) as interrupt:
+        return _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, names, interrupt)
+
+
+class StopOnInterrupt:
+    """Turn the first Ctrl-C into a request that training stop after its current epoch.
+
+    The kernel runs in its own process group, so the terminal's interrupt reaches only this
+    process. The first one writes ``stop_requested`` into the run directory, which the training
+    callbacks read at each epoch end; no further notebook starts after the current one. A
+    second Ctrl-C raises KeyboardInterrupt at once. Outside the main thread it does nothing.
+    """
+
+    def __init__(self, run_dir: Path, echo: Callable[[str], None]):
+        self.path = Path(run_dir) / rundir.STOP_FILE
+        self.echo = echo
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self.path.unlink(missing_ok=True)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.path.write_text("stop requested by Ctrl-C\n", encoding="utf-8")
+        self.echo("interrupt received: training stops after the current epoch and keeps every finished epoch; "
+                  "press Ctrl-C again to abort at once")
+
+    def __exit__(self, *exc_info):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        self.path.unlink(missing_ok=True)
+        return False
+
+
+def _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, names, interrupt) -> list[NotebookResult]:
+    import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
     results = []
     for name in names:
         source = notebooks_dir / f"{name}.ipynb"
@@ -122,6 +164,9 @@ def run_notebooks(
         if failure is not None:
             write_index(run_dir, results)
             raise failure
+        if interrupt.requested:
+            write_index(run_dir, results)
+            raise KeyboardInterrupt
     write_index(run_dir, results)
     return results
 

@@ -20,7 +20,7 @@ import pandas as pd
 import cellnb
 from cellnb import data, features, rundir
 from cellnb.audit import check_setup
-from cellnb.errors import ModelError
+from cellnb.errors import ModelError, RunDirectoryError
 from cellnb.model import PREPROCESSING, build_model, compile_model, get_preprocessing, resolve_preprocessing
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,19 @@ class RunSetup:
         return self.discovery.classes
 
 
-def prepare_run(params: dict) -> RunSetup:
+def prepare_run(params: dict, *, resuming: bool = False) -> RunSetup:
     """Resolve the data directory (generating the built-in cells if none is given), find the samples
-    and write ``config.json`` and ``samples.csv`` into the run directory."""
+    and write ``config.json`` and ``samples.csv`` into the run directory.
+
+    A run directory that already holds ``history.csv`` is rejected, so running notebook 01 again
+    never mixes two runs in one folder, unless ``resuming`` continues that same run.
+    """
     run_dir = Path(params["run_dir"]).expanduser().resolve()
+    if (run_dir / rundir.HISTORY_FILE).exists() and not resuming:
+        raise RunDirectoryError(
+            f"run directory {str(run_dir)!r} already contains a trained run (history.csv); set run_dir to a new "
+            f"folder, delete this one, or use `cellnb run --overwrite` or `cellnb run --resume`"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
 
     synthetic = not params["data_dir"]

@@ -188,3 +188,60 @@ def test_run_lists_corrupt_hidden_and_misnamed_files(tiny_synthetic, tmp_path):
     samples = pd.read_csv(run_dir / "samples.csv")
     assert "train/positive/really_a_png.jpg" in set(samples["sample_id"])
     assert "train/negative/corrupt.png" not in set(samples["sample_id"])
+
+
+def test_run_rejects_values_that_would_fail_after_training(tmp_path):
+    for arguments, message in [
+        (["-p", "epochs", "1"], "cellnb run explains the change of the validation loss between two epochs"),
+        (["-p", "weights", str(tmp_path / "absent.h5")], "neither 'imagenet', None nor an existing file"),
+        (["--data-dir", str(tmp_path / "file.txt")], "is a file; pass the folder that contains your images"),
+    ]:
+        (tmp_path / "file.txt").write_text("x")
+        completed = _run([*arguments, "--run-dir", str(tmp_path / "run")], PROJECT_ROOT, timeout=120)
+        assert completed.returncode == 2, arguments
+        assert message in completed.stderr, completed.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_notebook_training_rejects_a_finished_run_directory(split_tree, tmp_path):
+    from cellnb import params, train
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "history.csv").write_text("epoch,loss\n1,0.5\n")
+    values = params.check_parameters("01_train", {"data_dir": str(split_tree), "run_dir": str(run_dir)})
+
+    with pytest.raises(RunDirectoryError, match="already contains a trained run"):
+        train.prepare_run(values)
+    assert (run_dir / "history.csv").read_text() == "epoch,loss\n1,0.5\n"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_training_and_keeps_finished_epochs(tiny_synthetic, tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cellnb.cli", "run", "--data-dir", str(tiny_synthetic), "--run-dir", str(run_dir),
+         "-p", "epochs", "200", "-p", "image_size", "32", "-p", "batch_size", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        progress = json.loads((run_dir / "progress.json").read_text()) if (run_dir / "progress.json").exists() else {}
+        if progress.get("epoch", 0) >= 2:
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+
+    assert process.returncode == 130, stdout + stderr
+    assert "training stops after the current epoch" in stdout
+    assert "cellnb run --resume RUN_DIR" in stderr
+    history = pd.read_csv(run_dir / "history.csv")
+    assert 2 <= len(history) < 200
+    assert (run_dir / "model.keras").is_file()
+    assert not (run_dir / "notebooks" / "02_inspect_validation.ipynb").exists()
+    assert not (run_dir / "stop_requested").exists()
+    assert "Traceback" not in stderr

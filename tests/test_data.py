@@ -74,7 +74,7 @@ def test_unreadable_files_are_listed_with_reasons(split_tree):
 def test_unreadable_files_raise_when_not_skipped(split_tree):
     (split_tree / "train" / "negative" / "empty.jpg").write_bytes(b"")
 
-    with pytest.raises(DataError, match=r"train/negative/empty.jpg: empty file.*skip_unreadable=True"):
+    with pytest.raises(DataError, match=r"train/negative/empty.jpg: empty file.*skip_unreadable true"):
         data.discover_samples(split_tree, skip_unreadable=False)
 
 
@@ -213,4 +213,14 @@ def test_too_few_images_per_class_raises(tmp_path):
     root = write_split_tree(tmp_path / "d", {"train": (3, 3), "valid": (1, 3)})
 
     with pytest.raises(DataError, match=r"valid split has 1 readable image\(s\) of class 'negative'"):
+        data.discover_samples(root)
+
+
+def test_manifest_not_utf8_raises(tmp_path):
+    root = tmp_path / "m"
+    for name in ("negative", "positive"):
+        write_image(root / name / "0.png")
+    (root / "manifest.csv").write_bytes("path,label,split\nnegative/0.png,negative,train\n".encode("utf-16"))
+
+    with pytest.raises(DataError, match=r"is not UTF-8 text .*save it as a UTF-8 CSV file"):
         data.discover_samples(root)

@@ -811,7 +811,7 @@ def test_notebook_parameters_cell():
     exec("".join(parameters["source"]), namespace)
 
     values = {name: value for name, value in namespace.items() if not name.startswith("__")}
-    assert values == {"run_dir": "outputs/demo", "epoch_from": 0, "epoch_to": 0, "calibration_bins": 10, "top_k": 10}
+    assert values == {"run_dir": "../outputs/demo", "epoch_from": 0, "epoch_to": 0, "calibration_bins": 10, "top_k": 10}
 
 
 @pytest.mark.slow

@@ -10,12 +10,12 @@ from cellnb import params, rundir, train
 from cellnb.errors import ModelError
 
 
-def _setup(data_dir, run_dir, cache_dir, **overrides):
+def _setup(data_dir, run_dir, cache_dir, resuming=False, **overrides):
     values = {
         "data_dir": str(data_dir), "run_dir": str(run_dir), "cache_dir": str(cache_dir), "backbone": "vgg16",
         "image_size": 32, "epochs": 2, "batch_size": 4, **overrides,
     }
-    return train.prepare_run(params.check_parameters("01_train", values))
+    return train.prepare_run(params.check_parameters("01_train", values), resuming=resuming)
 
 
 def _backbone(model):
@@ -69,7 +69,7 @@ def test_resume_into_fine_tuning_phase(split_tree, tmp_path):
     history = train.train(first, model)
     previous = (rundir.read_trajectories(tmp_path / "run" / rundir.TRAJECTORIES_FILE), history)
 
-    resumed = _setup(split_tree, tmp_path / "run", tmp_path / "cache", fine_tune_epochs=1)
+    resumed = _setup(split_tree, tmp_path / "run", tmp_path / "cache", resuming=True, fine_tune_epochs=1)
     continued = train.train(resumed, model, initial_epoch=2, previous=previous)
 
     assert list(continued["epoch"]) == [1, 2, 3]
