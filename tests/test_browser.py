@@ -166,11 +166,13 @@ def wait_for_server(url: str, process: subprocess.Popen, *, log_path: Path, time
 
 @pytest.fixture
 def jupyterlab(run_dir, tmp_path):
-    """Start JupyterLab on 127.0.0.1 with a token, in a root folder with notebook 03 and the run as outputs/demo."""
+    """Start JupyterLab on 127.0.0.1 with a token, in a root folder laid out like the project: notebook 03 in
+    notebooks/ and the run as outputs/demo, where the notebook's default run_dir points."""
     root = tmp_path / "lab"
     (root / "outputs").mkdir(parents=True)
     shutil.copytree(run_dir, root / "outputs" / "demo")
-    shutil.copy(PROJECT_ROOT / "notebooks" / "03_explain_loss.ipynb", root)
+    (root / "notebooks").mkdir()
+    shutil.copy(PROJECT_ROOT / "notebooks" / "03_explain_loss.ipynb", root / "notebooks")
     settings = tmp_path / "lab-settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
     # Windowing would drop cells outside the viewport from the page, so every cell is kept rendered.
@@ -208,7 +210,7 @@ def test_notebook_03_runs_and_slider_redraws(jupyterlab, chromium):
     page = context.new_page()
     page.set_default_timeout(60_000)
 
-    page.goto(f"{base}/lab/tree/03_explain_loss.ipynb?token={token}")
+    page.goto(f"{base}/lab/tree/notebooks/03_explain_loss.ipynb?token={token}")
     page.wait_for_selector(".jp-Notebook .jp-CodeCell")
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
     # The same command as Run > Run All Cells, called through the application object that
