@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The notebook kernels inherit this, so TensorFlow's C++ info and warning lines stay out of the
-    # terminal and the reports; a value the user set is kept.
+    # terminal and the reports. A value the user set is kept.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
@@ -189,7 +189,12 @@ def command_resume(args) -> int:
     values = collect_parameters(args.parameter, args.parameters_file)
     training = sorted(set(values) & set(parameters.declared("01_train")) - {"run_dir"})
     if args.data_dir or args.run_dir or training:
-        rejected = (["--data-dir"] if args.data_dir else []) + (["--run-dir"] if args.run_dir else []) + training
+        rejected = []
+        if args.data_dir:
+            rejected.append("--data-dir")
+        if args.run_dir:
+            rejected.append("--run-dir")
+        rejected += training
         raise ParameterError(
             f"--resume continues with the training parameters in the run's config.json, so {rejected} cannot be "
             f"changed; leave them out, or start a new run with --overwrite"

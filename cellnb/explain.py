@@ -156,6 +156,16 @@ def _epoch_index(trajectories: Trajectories, epoch, name: str) -> int:
     return recorded.index(int(epoch))
 
 
+def _epoch_pair(trajectories: Trajectories, epoch_from, epoch_to) -> tuple[int, int]:
+    """Validate the trajectories and return the array indices of two epochs, the first strictly earlier."""
+    _validate_trajectories(trajectories)
+    index_from = _epoch_index(trajectories, epoch_from, "epoch_from")
+    index_to = _epoch_index(trajectories, epoch_to, "epoch_to")
+    if index_from >= index_to:
+        raise ParameterError(f"epoch_from={epoch_from} must be earlier than epoch_to={epoch_to}")
+    return index_from, index_to
+
+
 def _require_columns(table: pd.DataFrame, columns: Iterable[str], name: str, producer: str) -> None:
     if not isinstance(table, pd.DataFrame):
         raise ParameterError(f"{name} is a {type(table).__name__}; expected the DataFrame returned by {producer}")
@@ -322,11 +332,7 @@ def decompose_loss_change(trajectories: Trajectories, epoch_from: int, epoch_to:
         ``sample_id, label, epoch_from, epoch_to, probability_from, probability_to, loss_from,
         loss_to, contribution, category``.
     """
-    _validate_trajectories(trajectories)
-    index_from = _epoch_index(trajectories, epoch_from, "epoch_from")
-    index_to = _epoch_index(trajectories, epoch_to, "epoch_to")
-    if index_from >= index_to:
-        raise ParameterError(f"epoch_from={epoch_from} must be earlier than epoch_to={epoch_to}")
+    index_from, index_to = _epoch_pair(trajectories, epoch_from, epoch_to)
 
     probabilities = np.asarray(trajectories.probabilities, dtype=np.float64)
     labels = np.asarray(trajectories.labels, dtype=np.int64)
@@ -454,11 +460,7 @@ def threshold_crossings(trajectories: Trajectories, epoch_from: int, epoch_to: i
         ``crossings_between_epochs`` counts every crossing between consecutive recorded epochs
         from ``epoch_from`` to ``epoch_to``, so a sample that goes back and forth counts each time.
     """
-    _validate_trajectories(trajectories)
-    index_from = _epoch_index(trajectories, epoch_from, "epoch_from")
-    index_to = _epoch_index(trajectories, epoch_to, "epoch_to")
-    if index_from >= index_to:
-        raise ParameterError(f"epoch_from={epoch_from} must be earlier than epoch_to={epoch_to}")
+    index_from, index_to = _epoch_pair(trajectories, epoch_from, epoch_to)
 
     labels = np.asarray(trajectories.labels, dtype=np.int64)
     correct = predicted_labels(trajectories.probabilities[index_from:index_to + 1]) == labels

@@ -374,15 +374,7 @@ def plot_thumbnails(paths: Sequence[str | os.PathLike], titles: Sequence[str], *
         return figure
 
     for axis, path, title in zip(_grid(figure, len(paths), columns), paths, titles):
-        try:
-            image = matplotlib.image.imread(path)
-        except (OSError, ValueError) as error:
-            logger.warning("cannot show thumbnail %s: %s", path, error)
-            axis.text(0.5, 0.5, f"cannot read\n{_short_name(path)}", ha="center", va="center", fontsize=8, color="red")
-        else:
-            axis.imshow(image, cmap="gray" if image.ndim == 2 else None)
-        axis.set_title(title, fontsize=8)
-        axis.set_axis_off()
+        _draw_image(axis, path, title)
     return figure
 
 

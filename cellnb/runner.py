@@ -89,7 +89,7 @@ class StopOnInterrupt:
 
     The kernel runs in its own process group, so the terminal's interrupt reaches only this
     process. The first one writes ``stop_requested`` into the run directory, which the training
-    callbacks read at each epoch end; no further notebook starts after the current one. A
+    callbacks read at each epoch end. No further notebook starts after the current one. A
     second Ctrl-C raises KeyboardInterrupt at once. Outside the main thread it does nothing.
     """
 

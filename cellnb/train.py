@@ -49,7 +49,7 @@ def prepare_run(params: dict, *, resuming: bool = False) -> RunSetup:
     """Resolve the data directory (generating the built-in cells if none is given), find the samples
     and write ``config.json`` and ``samples.csv`` into the run directory.
 
-    A run directory that already holds ``history.csv`` is rejected, so running notebook 01 again
+    A run directory that already contains ``history.csv`` is rejected, so running notebook 01 again
     never mixes two runs in one folder, unless ``resuming`` continues that same run.
     """
     run_dir = Path(params["run_dir"]).expanduser().resolve()

@@ -197,8 +197,8 @@ def test_training_cell_streams_one_line_per_epoch(tiny_synthetic, tmp_path):
     texts = [text for _, text in arrivals]
     for epoch in (1, 2, 3):
         assert sum(f"epoch {epoch}/3" in text for text in texts) == 1, texts
-    # ipykernel batches stream output for about 0.2 s, so epochs that short can share a message;
-    # at least two messages show that the lines stream while the cell runs.
+    # ipykernel batches stream output for about 0.2 s, so epochs that short can share a message.
+    # At least two messages show that the lines stream while the cell runs.
     assert len(arrivals) >= 2
     assert arrivals[0][0] < arrivals[-1][0] < finished
     assert json.loads((tmp_path / "run" / rundir.PROGRESS_FILE).read_text())["epoch"] == 3
