@@ -640,6 +640,7 @@ def _build_samples(files: pd.DataFrame, root: Path, layout: str, classes: list[s
     manifest = data.read_manifest(root) if (root / data.MANIFEST_NAME).is_file() else None
     if manifest is not None:
         images, warnings = _apply_manifest(images, manifest, layout, classes)
+        warnings += _manifest_paths_not_found(manifest, files)
     if layout != "split_folders" and images["split"].eq("").all():
         images["split"] = data.assign_splits(images, fractions=split_fractions, seed=seed)
         warnings.append(
@@ -682,6 +683,19 @@ def _apply_manifest(images: pd.DataFrame, manifest: pd.DataFrame, layout: str, c
                 f"(for example {examples}); fix the folder or the manifest"
             )
     return images, warnings
+
+
+def _manifest_paths_not_found(manifest: pd.DataFrame, files: pd.DataFrame) -> list[str]:
+    """Warn about manifest paths that name no file inside a class folder (missing, hidden or elsewhere)."""
+    in_class_folders = set(files.loc[files["class_folder"] != "", "sample_id"])
+    absent = [path for path in manifest["path"].drop_duplicates() if path not in in_class_folders]
+    if not absent:
+        return []
+    more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+    return [
+        f"{len(absent)} path(s) in {data.MANIFEST_NAME} name no file in the class folders (for example "
+        f"{', '.join(absent[:3])}{more}); restore the files or remove their rows from {data.MANIFEST_NAME}"
+    ]
 
 
 def _normalise_split(value: str) -> str:

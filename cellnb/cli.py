@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from cellnb import params as parameters
@@ -32,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train, inspect and explain: run the three notebooks into a run directory")
-    run.add_argument("--data-dir", default="", help="image folder (default: generate the built-in synthetic cells)")
-    run.add_argument("--run-dir", default=None, help="output folder (default: outputs/<name>)")
+    run.add_argument("--data-dir", default="",
+                     help="image folder, the same as -p data_dir (default: generate the built-in synthetic cells)")
+    run.add_argument("--run-dir", default=None, help="output folder, the same as -p run_dir (default: outputs/<name>)")
     run.add_argument("--name", default=DEFAULT_RUN_NAME, help="run name used for the default run directory")
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="set a notebook parameter; repeatable; the value is checked against the declared type")
@@ -97,8 +99,7 @@ def collect_parameters(pairs: list[list[str]], parameters_file: str | None) -> d
     if parameters_file:
         values.update(_read_yaml(Path(parameters_file), known))
     for name, text in pairs:
-        if name not in known:
-            raise ParameterError(f"unknown parameter {name!r}; valid parameters are {sorted(known)}")
+        parameters.check_names([name], known)
         values[name] = parameters.parse_text(known[name], text)
         values[name] = parameters.coerce_value(known[name], values[name])
     return values
@@ -117,8 +118,7 @@ def _read_yaml(path: Path, known: dict) -> dict:
         raise ParameterError(f"parameters file {str(path)!r} must hold a mapping of NAME: VALUE, not {type(loaded).__name__}")
     values = {}
     for name, value in loaded.items():
-        if name not in known:
-            raise ParameterError(f"unknown parameter {name!r} in {str(path)!r}; valid parameters are {sorted(known)}")
+        parameters.check_names([name], known, source=f" in {str(path)!r}")
         values[name] = parameters.coerce_value(known[name], value)
     return values
 
@@ -129,16 +129,18 @@ def command_run(args) -> int:
     if args.resume:
         return command_resume(args)
     values = collect_parameters(args.parameter, args.parameters_file)
+    data_dir_text, data_dir_option = choose_path("--data-dir", args.data_dir, "data_dir", values, args)
+    run_dir_text, _ = choose_path("--run-dir", args.run_dir, "run_dir", values, args)
     check_training_values(values)
-    if args.data_dir:
-        data_dir = Path(args.data_dir).expanduser()
+    if data_dir_text:
+        data_dir = Path(data_dir_text).expanduser()
         if data_dir.is_file():
-            raise ParameterError(f"--data-dir {args.data_dir!r} is a file; pass the folder that contains your images")
+            raise ParameterError(f"{data_dir_option} {data_dir_text!r} is a file; pass the folder that contains your images")
         if not data_dir.is_dir():
-            raise ParameterError(f"--data-dir {args.data_dir!r} not found; pass the folder that contains your images")
+            raise ParameterError(f"{data_dir_option} {data_dir_text!r} not found; pass the folder that contains your images")
         values["data_dir"] = str(data_dir.resolve())
         check_data(data_dir, values)
-    run_dir = Path(args.run_dir or Path("outputs") / args.name).expanduser().resolve()
+    run_dir = Path(run_dir_text or Path("outputs") / args.name).expanduser().resolve()
     check_run_dir(run_dir, overwrite=args.overwrite)
     check_before_run(args.notebooks, args.kernel)
     prepare_run_dir(run_dir, overwrite=args.overwrite)
@@ -149,6 +151,37 @@ def command_run(args) -> int:
                   echo=lambda line: print(line, flush=True), report_code=not args.no_code)
     print(f"reports: {run_dir / 'reports' / 'index.html'}")
     return 0
+
+
+def choose_path(option: str, option_value: str | None, name: str, values: dict, args) -> tuple[str | None, str]:
+    """Return the path that ``option`` (``--data-dir``) or the parameter ``name`` (``data_dir``) gives, and which one gave it.
+
+    The parameter may come from ``-p`` or from the ``-f`` file. Both given with different paths
+    raise ParameterError, because neither would win silently.
+    """
+    option_value = option_value or None
+    if name not in values:
+        return option_value, option
+    given_as = _parameter_source(args, name)
+    if option_value is not None and not _same_path(option_value, values[name]):
+        raise ParameterError(
+            f"{option} {option_value!r} and {given_as} {values[name]!r} name different folders; "
+            f"give the folder once, with {option} or with -p {name}"
+        )
+    return option_value if option_value is not None else values[name], given_as
+
+
+def _parameter_source(args, name: str) -> str:
+    """Return how the parameter was given: ``-p NAME``, or ``NAME from FILE`` when it came from ``-f``."""
+    if any(pair_name == name for pair_name, _ in args.parameter):
+        return f"-p {name}"
+    return f"{name} from {args.parameters_file!r}"
+
+
+def _same_path(first: str, second: str) -> bool:
+    if not first or not second:
+        return first == second
+    return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
 
 
 def check_training_values(values: dict) -> None:
@@ -183,10 +216,15 @@ def check_data(data_dir: Path, values: dict) -> None:
 
 def command_resume(args) -> int:
     """Continue training in this process, then run notebooks 02 and 03 on the completed run directory."""
-    from cellnb.resume import resume_training
-    from cellnb.runner import NOTEBOOKS, check_before_run, run_notebooks
+    from cellnb.resume import find_resume_point, resume_training
+    from cellnb.runner import NOTEBOOKS, check_before_run, resumed_training_result, run_notebooks
 
     values = collect_parameters(args.parameter, args.parameters_file)
+    if "run_dir" in values and not _same_path(args.resume, values["run_dir"]):
+        raise ParameterError(
+            f"--resume {args.resume!r} and {_parameter_source(args, 'run_dir')} {values['run_dir']!r} name different "
+            f"run directories; give the run directory once, with --resume"
+        )
     training = sorted(set(values) & set(parameters.declared("01_train")) - {"run_dir"})
     if args.data_dir or args.run_dir or training:
         rejected = []
@@ -205,9 +243,13 @@ def command_resume(args) -> int:
     check_before_run(args.notebooks, args.kernel, names=NOTEBOOKS[1:])
 
     print(f"cellnb run --resume {run_dir}")
+    resumed_after = find_resume_point(run_dir).epoch
+    started = time.time()
     resume_training(run_dir, echo=lambda line: print(line, flush=True))
+    training_result = resumed_training_result(run_dir, resumed_after=resumed_after, seconds=time.time() - started)
     run_notebooks(run_dir, values, notebooks_dir=args.notebooks, kernel_name=args.kernel,
-                  echo=lambda line: print(line, flush=True), report_code=not args.no_code, names=NOTEBOOKS[1:])
+                  echo=lambda line: print(line, flush=True), report_code=not args.no_code, names=NOTEBOOKS[1:],
+                  earlier=[training_result])
     print(f"reports: {run_dir / 'reports' / 'index.html'}")
     return 0
 

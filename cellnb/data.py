@@ -37,6 +37,7 @@ SPLIT_FOLDER_NAMES = {
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_SPLIT_COLUMNS = ("split", "source_split")
 MANIFEST_GROUP_COLUMNS = ("group", "patient_or_slide_id")
+SKIPPED_COLUMNS = ["sample_id", "split", "label_name", "reason"]
 IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx", "$recycle.bin", "icon\r"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
@@ -49,7 +50,8 @@ class Discovery:
     ``/`` separators), ``path`` (absolute), ``split``, ``label`` (class index), ``label_name``,
     ``group``, ``sha256``, ``width``, ``height``, ``mode``, ``format``, plus any further columns
     the manifest carries. ``skipped`` has ``sample_id``, ``split``, ``label_name`` and ``reason``
-    for unreadable images. ``ignored`` lists hidden and system entries that were never samples.
+    for unreadable images and for ``manifest.csv`` rows whose file is not in the class folders.
+    ``ignored`` lists hidden and system entries that were never samples.
     """
 
     data_dir: Path
@@ -96,8 +98,10 @@ def discover_samples(
     seed : int
         Seed of that split.
     skip_unreadable : bool
-        If False, any unreadable image raises DataError; if True it is left out and listed in
-        ``Discovery.skipped``.
+        If False, an unreadable image raises DataError, and so does a ``manifest.csv`` row whose
+        file is not in the class folders. If True, both are left out and listed in
+        ``Discovery.skipped``. A manifest none of whose paths names a file in the class folders
+        raises DataError either way.
     """
     root = Path(data_dir).expanduser()
     classes = check_classes(classes)
@@ -111,12 +115,14 @@ def discover_samples(
 
     layout = detect_layout(root)
     ignored: list[str] = []
+    not_found = pd.DataFrame(columns=SKIPPED_COLUMNS)
     if layout == "split_folders":
         candidates = _discover_split_folders(root, classes, ignored)
     else:
         candidates = _discover_class_folders(root, classes, ignored)
         if layout == "manifest":
-            candidates = _apply_manifest(root, candidates, classes)
+            candidates, not_found = _apply_manifest(root, candidates, classes)
+            _check_listed_files(root, not_found, skip_unreadable=skip_unreadable)
 
     if candidates.empty:
         raise DataError(f"no image files found under {str(root)!r}; expected class folders named {classes}")
@@ -124,13 +130,13 @@ def discover_samples(
     candidates = _merge_manifest_columns(root, candidates) if layout == "split_folders" else candidates
     inspected = _inspect_all(candidates)
     readable = inspected["error"].isna()
-    skipped = inspected.loc[~readable, ["sample_id", "split", "label_name", "error"]].rename(columns={"error": "reason"})
+    unreadable = inspected.loc[~readable, ["sample_id", "split", "label_name", "error"]].rename(columns={"error": "reason"})
     samples = inspected.loc[readable].drop(columns=["error"]).reset_index(drop=True)
 
-    if len(skipped) and not skip_unreadable:
-        listing = "; ".join(f"{row.sample_id}: {row.reason}" for row in skipped.head(10).itertuples())
+    if len(unreadable) and not skip_unreadable:
+        listing = "; ".join(f"{row.sample_id}: {row.reason}" for row in unreadable.head(10).itertuples())
         raise DataError(
-            f"{len(skipped)} file(s) under {str(root)!r} cannot be decoded as images ({listing}); "
+            f"{len(unreadable)} file(s) under {str(root)!r} cannot be decoded as images ({listing}); "
             f"remove or repair them, or pass -p skip_unreadable true (skip_unreadable = True in the notebook) to train without them"
         )
 
@@ -140,8 +146,14 @@ def discover_samples(
 
     samples = samples.sort_values(["split", "label", "sample_id"], key=_split_order).reset_index(drop=True)
     _check_splits(samples, classes, root, check_test=splits_given)
-    for row in skipped.itertuples():
+    for row in unreadable.itertuples():
         logger.warning("skipped unreadable file %s: %s", row.sample_id, row.reason)
+    if len(not_found):
+        logger.warning("skipped %d row(s) of %s whose file is not in the class folders, for example %s: %s",
+                       len(not_found), root / MANIFEST_NAME, not_found["sample_id"].iloc[0], not_found["reason"].iloc[0])
+    skipped = unreadable
+    if len(not_found):
+        skipped = pd.concat([not_found, unreadable], ignore_index=True) if len(unreadable) else not_found
     return Discovery(
         data_dir=root.resolve(),
         layout=layout,
@@ -335,13 +347,25 @@ def _check_manifest_path(value: str, manifest_path: Path) -> None:
         )
 
 
-def _apply_manifest(root: Path, candidates: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+def _apply_manifest(root: Path, candidates: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Join ``manifest.csv`` to the class-folder files.
+
+    Returns the files with their manifest columns, and the manifest rows whose file is not among
+    them as skipped entries (``SKIPPED_COLUMNS``) with the reason.
+    """
     manifest = read_manifest(root, required=("path", "label"))
     if "split" in manifest.columns:
         manifest["split"] = manifest["split"].map(lambda value: _normalise_split(value, root))
     if "label" in manifest.columns:
         manifest["manifest_label"] = manifest["label"].map(lambda value: _label_index(value, classes, root))
         manifest = manifest.drop(columns=["label"])
+    not_found = _manifest_rows_without_file(root, manifest, set(candidates["sample_id"]), classes)
+    if len(not_found) and len(not_found) == manifest["path"].nunique():
+        raise DataError(
+            f"none of the {len(not_found)} path(s) in {root / MANIFEST_NAME} names a file in the class folders "
+            f"{classes} (for example {_first_paths(not_found)}); write each path relative to the folder that "
+            f"contains manifest.csv, such as '{classes[0]}/img_001.png'"
+        )
     merged = candidates.drop(columns=["split"]).merge(manifest, how="left", left_on="sample_id", right_on="path", suffixes=("", "_manifest"))
     listed = merged["path_manifest"].notna()
     for sample_id in merged.loc[listed, "sample_id"]:
@@ -351,9 +375,14 @@ def _apply_manifest(root: Path, candidates: pd.DataFrame, classes: list[str]) ->
     unlisted = merged["split"].isna() if "split" in merged.columns else pd.Series(False, index=merged.index)
     if "split" in merged.columns and unlisted.any():
         examples = ", ".join(merged.loc[unlisted, "sample_id"].head(3))
+        also_not_found = (
+            f"; {len(not_found)} of its row(s) name files that are not in the class folders (for example "
+            f"{_first_paths(not_found)}), so check its paths too"
+            if len(not_found) else ""
+        )
         raise DataError(
             f"{unlisted.sum()} image(s) are not listed in {root / MANIFEST_NAME} (for example {examples}); "
-            f"add them with their split, or remove them from the class folders"
+            f"add them with their split, or remove them from the class folders{also_not_found}"
         )
     if "manifest_label" in merged.columns:
         disagree = merged["manifest_label"].notna() & (merged["manifest_label"] != merged["label"])
@@ -366,7 +395,51 @@ def _apply_manifest(root: Path, candidates: pd.DataFrame, classes: list[str]) ->
         merged = merged.drop(columns=["manifest_label"])
     if "split" not in merged.columns:
         merged["split"] = ""
-    return merged
+    return merged, not_found
+
+
+def _manifest_rows_without_file(root: Path, manifest: pd.DataFrame, present: set[str], classes: list[str]) -> pd.DataFrame:
+    """Return the manifest rows whose path is not among the class-folder files ``present``, with the reason."""
+    absent = manifest[~manifest["path"].isin(present)].drop_duplicates("path")
+    rows = []
+    for record in absent.to_dict("records"):
+        label = record.get("manifest_label")
+        rows.append({
+            "sample_id": record["path"],
+            "split": record.get("split", ""),
+            "label_name": classes[label] if label is not None else "",
+            "reason": _not_found_reason(root, record["path"], classes),
+        })
+    return pd.DataFrame(rows, columns=SKIPPED_COLUMNS)
+
+
+def _not_found_reason(root: Path, sample_id: str, classes: list[str]) -> str:
+    """Return why a path listed in the manifest is not a sample. The path is only looked up, never opened."""
+    path = root / sample_id
+    if not path.exists():
+        return f"listed in {MANIFEST_NAME} but not found"
+    if any(is_ignored(part) for part in PurePosixPath(sample_id).parts):
+        return f"listed in {MANIFEST_NAME} but a hidden or system entry, which is never a sample"
+    if path.is_dir():
+        return f"listed in {MANIFEST_NAME} but a folder, not an image file"
+    return f"listed in {MANIFEST_NAME} but outside the class folders {classes}"
+
+
+def _check_listed_files(root: Path, not_found: pd.DataFrame, *, skip_unreadable: bool) -> None:
+    """Raise DataError for manifest rows whose file is not in the class folders, unless they may be skipped."""
+    if not_found.empty or skip_unreadable:
+        return
+    raise DataError(
+        f"{len(not_found)} row(s) of {root / MANIFEST_NAME} name files that are not in the class folders "
+        f"({_first_paths(not_found, with_reason=True)}); restore the files or remove their rows from manifest.csv, "
+        f"or pass -p skip_unreadable true (skip_unreadable = True in the notebook) to train without them"
+    )
+
+
+def _first_paths(skipped: pd.DataFrame, *, count: int = 5, with_reason: bool = False) -> str:
+    listed = [f"{row.sample_id}: {row.reason}" if with_reason else row.sample_id for row in skipped.head(count).itertuples()]
+    more = f" and {len(skipped) - count} more" if len(skipped) > count else ""
+    return ("; " if with_reason else ", ").join(listed) + more
 
 
 def _merge_manifest_columns(root: Path, candidates: pd.DataFrame) -> pd.DataFrame:

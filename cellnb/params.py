@@ -7,13 +7,17 @@ error for the same mistake. Text from the command line is parsed here and never 
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cellnb.errors import ParameterError
+
+logger = logging.getLogger(__name__)
 
 TRUE_WORDS = {"true", "yes", "on", "1"}
 FALSE_WORDS = {"false", "no", "off", "0"}
@@ -120,7 +124,7 @@ NOTEBOOKS = {
 
 def declared(notebook: str) -> dict[str, Parameter]:
     if notebook not in NOTEBOOKS:
-        raise ParameterError(f"unknown notebook {notebook!r}; valid notebooks are {sorted(NOTEBOOKS)}")
+        raise ParameterError(f"unknown notebook {notebook!r}; {_valid_names_advice(notebook, NOTEBOOKS, 'notebooks')}")
     return {parameter.name: parameter for parameter in NOTEBOOKS[notebook]}
 
 
@@ -137,15 +141,62 @@ def check_parameters(notebook: str, values: Mapping[str, Any]) -> dict[str, Any]
     """Check a notebook's parameter values and return them typed, in declaration order.
 
     ``values`` may be the notebook's ``globals()``; names that the notebook does not declare are
-    ignored there. A value of the wrong type raises ParameterError naming the parameter, the
-    value received and the type expected. Text that papermill passed for a bool or a list
-    (``"false"``, ``"[1, 2]"``) is parsed as the command line would.
+    ignored there, but one that looks like a misspelt parameter (``papermill -p epoch 5``) is
+    logged as a warning with the suggestion. A value of the wrong type raises ParameterError
+    naming the parameter, the value received and the type expected. Text that papermill passed
+    for a bool or a list (``"false"``, ``"[1, 2]"``) is parsed as the command line would.
     """
+    parameters = declared(notebook)
+    _warn_misspelt_names(notebook, parameters, values)
     checked = {}
-    for name, parameter in declared(notebook).items():
+    for name, parameter in parameters.items():
         value = values.get(name, parameter.default)
         checked[name] = coerce_value(parameter, value)
     return checked
+
+
+def check_names(names: Iterable[str], valid: Iterable[str], *, source: str = "") -> None:
+    """Raise ParameterError for the first of ``names`` that is not among ``valid``, suggesting the closest valid name.
+
+    ``source`` names where the names come from, such as ``" in 'params.yaml'"``.
+    """
+    valid = sorted(valid)
+    for name in names:
+        if name not in valid:
+            raise ParameterError(f"unknown parameter {name!r}{source}; {_valid_names_advice(name, valid, 'parameters')}")
+
+
+def closest_name(name: str, valid: Iterable[str]) -> str | None:
+    """Return the valid name closest to ``name`` (difflib's default cutoff of 0.6), or None when none is close."""
+    matches = difflib.get_close_matches(str(name), list(valid), n=1)
+    return matches[0] if matches else None
+
+
+def _valid_names_advice(name: str, valid: Iterable[str], kind: str) -> str:
+    valid = sorted(valid)
+    closest = closest_name(name, valid)
+    if closest is None:
+        return f"valid {kind} are {valid}"
+    return f"did you mean {closest!r}? The valid {kind} are {valid}"
+
+
+# Types of the values papermill injects; other globals (modules, functions) are never parameters.
+INJECTED_TYPES = (str, int, float, bool, list, dict, type(None))
+
+
+def _warn_misspelt_names(notebook: str, parameters: Mapping[str, Parameter], values: Mapping[str, Any]) -> None:
+    """Log a warning for each public value whose name is close to, but not, a declared parameter.
+
+    A notebook's ``globals()`` also contains the user's own variables, so this warns and never
+    raises. The cutoff of 0.8 (difflib's ratio) is stricter than the command line's, so that
+    config.json keys such as ``preprocessing_in_effect`` do not count as misspellings.
+    """
+    for name, value in values.items():
+        if name in parameters or name.startswith("_") or not isinstance(value, INJECTED_TYPES):
+            continue
+        matches = difflib.get_close_matches(name, list(parameters), n=1, cutoff=0.8)
+        if matches:
+            logger.warning("%r is not a parameter of %s, so it has no effect; did you mean %r?", name, notebook, matches[0])
 
 
 def parse_text(parameter: Parameter, text: str) -> Any:

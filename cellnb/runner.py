@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +50,14 @@ class NotebookFailed(CellnbError):
 
 @dataclass
 class NotebookResult:
+    """One notebook's outcome; ``state``, when set, replaces the index's "finished in N s" for it."""
+
     name: str
     notebook: Path
     report: Path
     seconds: float
     failed: NotebookFailed | None = None
+    state: str | None = None
 
 
 def default_notebooks_dir() -> Path:
@@ -70,18 +73,21 @@ def run_notebooks(
     echo: Callable[[str], None] = logger.info,
     report_code: bool = True,
     names: tuple[str, ...] = NOTEBOOKS,
+    earlier: Sequence[NotebookResult] = (),
 ) -> list[NotebookResult]:
     """Run the notebooks ``names`` (by default 01, 02 and 03) in order; each receives the parameters it declares from ``values``.
 
     A notebook counts as finished only when every code cell ran without an error: papermill
     does not raise for ``sys.exit(0)``, so the executed notebook is inspected as well.
+    ``earlier`` lists the outcomes of notebooks not run here, such as ``resumed_training_result``,
+    which ``index.html`` shows with the others.
     """
     run_dir = Path(run_dir).resolve()
     notebooks_dir = Path(notebooks_dir or default_notebooks_dir())
     (run_dir / NOTEBOOKS_FOLDER).mkdir(parents=True, exist_ok=True)
     (run_dir / REPORTS_FOLDER).mkdir(parents=True, exist_ok=True)
     with StopOnInterrupt(run_dir, echo) as interrupt:
-        return _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, names, interrupt)
+        return _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, names, interrupt, earlier)
 
 
 class StopOnInterrupt:
@@ -120,11 +126,11 @@ class StopOnInterrupt:
         return False
 
 
-def _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, names, interrupt) -> list[NotebookResult]:
+def _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, names, interrupt, earlier) -> list[NotebookResult]:
     import papermill
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-    results = []
+    results = list(earlier)
     for name in names:
         source = notebooks_dir / f"{name}.ipynb"
         if not source.is_file():
@@ -370,9 +376,11 @@ def write_index(run_dir: Path, results: list[NotebookResult]) -> Path:
             state = "not run"
             link = html.escape(TITLES[name])
         else:
-            state = "FAILED" if result.failed else f"finished in {result.seconds:.0f} s"
+            state = "FAILED" if result.failed else result.state or f"finished in {result.seconds:.0f} s"
             link = f'<a href="{name}.html">{html.escape(TITLES[name])}</a>'
-        rows.append(f"<tr><td>{name}</td><td>{link}</td><td>{state}</td></tr>")
+            if result.state is not None and not result.report.is_file():
+                link = html.escape(TITLES[name])
+        rows.append(f"<tr><td>{name}</td><td>{link}</td><td>{html.escape(state)}</td></tr>")
 
     body = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cellnb run {html.escape(run_dir.name)}</title>
@@ -387,6 +395,31 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style
     target = run_dir / REPORTS_FOLDER / "index.html"
     rundir.atomic_write_bytes(target, body.encode("utf-8"))
     return target
+
+
+def resumed_training_result(run_dir: str | Path, *, resumed_after: int, seconds: float) -> NotebookResult:
+    """Describe, for ``index.html``, how ``cellnb run --resume`` finished the training of notebook 01 outside it.
+
+    ``resumed_after`` is the epoch the training continued from (0 when it started over). The
+    notebook's report, if any, stays as its interrupted or earlier execution rendered it.
+    """
+    run_dir = Path(run_dir)
+    epochs = key_numbers(run_dir).get("epochs", 0)
+    report = run_dir / REPORTS_FOLDER / "01_train.html"
+    if resumed_after >= epochs:
+        state = f"all {epochs} epochs were trained before this --resume, which trained none"
+        report_note = "the linked report is from the notebook's earlier execution"
+    elif resumed_after == 0:
+        state = (f"trained again from epoch 1 to {epochs} by cellnb run --resume, outside the notebook, "
+                 f"because no finished epoch had a checkpoint")
+        report_note = "the linked report is from the notebook's interrupted execution"
+    else:
+        state = (f"resumed after epoch {resumed_after}: epochs {resumed_after + 1} to {epochs} were trained by "
+                 f"cellnb run --resume, outside the notebook")
+        report_note = (f"the linked report is from the notebook's execution before the interruption, "
+                       f"so it shows no epoch after {resumed_after}")
+    state += f"; {report_note}" if report.is_file() else "; the notebook left no report"
+    return NotebookResult("01_train", run_dir / NOTEBOOKS_FOLDER / "01_train.ipynb", report, seconds, state=state)
 
 
 def key_numbers(run_dir: Path) -> dict:

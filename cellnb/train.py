@@ -358,7 +358,8 @@ def describe_skipped(setup: RunSetup) -> str:
     """Return a Markdown sentence on skipped and ignored files, for the notebook."""
     skipped, ignored = setup.discovery.skipped, setup.discovery.ignored
     lines = [
-        f"{len(skipped)} file(s) could not be decoded and were left out (listed below)."
+        f"{len(skipped)} file(s) were left out, each listed below with the reason: a file that could not be "
+        f"decoded, or a row of `{data.MANIFEST_NAME}` whose file is not in the class folders."
         if len(skipped) else "No file was skipped: every file in the class folders decoded as an image."
     ]
     if ignored:

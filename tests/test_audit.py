@@ -396,6 +396,24 @@ def test_group_leakage_from_manifest(tree):
     assert len(report.leaked_sample_ids("valid")) == 6
 
 
+def test_manifest_paths_not_found_warn(tmp_path):
+    root = tmp_path / "m"
+    rows = []
+    for label, name in enumerate(("negative", "positive")):
+        for index in range(6):
+            save(smooth_image(index + 10 * label), root / name / f"{index}.png")
+            rows.append({"path": f"{name}/{index}.png", "label": name, "split": "train" if index < 3 else "valid"})
+    rows.append({"path": "positive/deleted.png", "label": "positive", "split": "valid"})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+
+    report = audit.audit_data(root)
+
+    assert report.loader_error is None
+    assert ("1 path(s) in manifest.csv name no file in the class folders (for example positive/deleted.png); "
+            "restore the files or remove their rows from manifest.csv") in report.warnings
+    assert int(report.files["loader"].sum()) == 12
+
+
 def test_group_pattern_errors(tree):
     with pytest.raises(ParameterError, match="has no capture group"):
         audit.audit_data(tree, group_pattern=r"P\d+")

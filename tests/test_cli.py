@@ -30,8 +30,65 @@ def test_collect_parameters_rejects_wrong_type():
 
 
 def test_collect_parameters_rejects_unknown_name():
-    with pytest.raises(ParameterError, match=r"unknown parameter 'epoch'; valid parameters are \["):
+    with pytest.raises(ParameterError, match=r"unknown parameter 'epoch'; did you mean 'epochs'\? The valid parameters are \["):
         cli.collect_parameters([["epoch", "3"]], None)
+    with pytest.raises(ParameterError, match=r"unknown parameter 'lr'; valid parameters are \["):
+        cli.collect_parameters([["lr", "0.1"]], None)
+
+
+def test_parameters_file_unknown_name_suggests(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("epochs: 5\nlearning_rat: 0.01\n")
+
+    with pytest.raises(ParameterError, match=r"unknown parameter 'learning_rat' in '.*params.yaml'; "
+                                             r"did you mean 'learning_rate'\? The valid parameters are \["):
+        cli.collect_parameters([], str(path))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--data-dir", "{a}", "-p", "data_dir", "{b}"],
+         "--data-dir '{a}' and -p data_dir '{b}' name different folders; give the folder once, with --data-dir or with -p data_dir"),
+        (["--data-dir", "{a}", "-f", "{yaml}"],
+         "--data-dir '{a}' and data_dir from '{yaml}' '{b}' name different folders"),
+        (["--run-dir", "{a}", "-p", "run_dir", "{b}", "-p", "epochs", "1"],
+         "--run-dir '{a}' and -p run_dir '{b}' name different folders; give the folder once, with --run-dir or with -p run_dir"),
+        (["--resume", "{a}", "-p", "run_dir", "{b}"],
+         "--resume '{a}' and -p run_dir '{b}' name different run directories; give the run directory once, with --resume"),
+    ],
+    ids=["data_dir_from_p", "data_dir_from_file", "run_dir_from_p", "resume_and_run_dir"],
+)
+def test_run_rejects_option_and_parameter_that_differ(tmp_path, capsys, arguments, message):
+    names = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b"), "yaml": str(tmp_path / "params.yaml")}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "params.yaml").write_text(f"data_dir: {names['b']}\n")
+
+    status = cli.main(["run", *[argument.format(**names) for argument in arguments]])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith("error: " + message.format(**names))
+    assert not (tmp_path / "a" / "notebooks").exists()
+
+
+def test_run_checks_folders_given_with_p(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "history.csv").write_text("epoch\n1\n")
+    missing = tmp_path / "missing"
+
+    data_status = cli.main(["run", "-p", "data_dir", str(missing), "--kernel", "no-such-kernel"])
+    data_error = capsys.readouterr().err
+    run_status = cli.main(["run", "-p", "run_dir", str(finished), "--kernel", "no-such-kernel"])
+    run_error = capsys.readouterr().err
+
+    assert data_status == 2
+    assert data_error.startswith(f"error: -p data_dir '{missing}' not found; pass the folder that contains your images")
+    assert run_status == 2
+    assert run_error.startswith(f"error: run directory '{finished}' already contains a run")
 
 
 def test_parameters_file_is_checked_and_p_wins(tmp_path):

@@ -109,6 +109,75 @@ def test_manifest_label_disagreeing_with_folder_raises(tmp_path):
         data.discover_samples(root)
 
 
+def _manifest_tree(root, extra_rows=()):
+    """Write three images per class and split (train, valid) and a manifest listing them plus ``extra_rows``."""
+    rows = []
+    for label, name in enumerate(("negative", "positive")):
+        for index in range(6):
+            path = f"{name}/{index}.png"
+            write_image(root / path, seed=index + 10 * label, bright=label == 1)
+            rows.append({"path": path, "label": name, "split": "train" if index < 3 else "valid"})
+    pd.DataFrame([*rows, *extra_rows]).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+def test_manifest_rows_without_file_are_skipped(tmp_path):
+    root = _manifest_tree(tmp_path / "m", [
+        {"path": "positive/deleted.png", "label": "positive", "split": "valid"},
+        {"path": "negative/typo.pgn", "label": "0", "split": "train"},
+        {"path": "loose.png", "label": "negative", "split": "train"},
+        {"path": "negative/.hidden.png", "label": "negative", "split": "train"},
+    ])
+    write_image(root / "loose.png")
+    write_image(root / "negative" / ".hidden.png")
+
+    discovery = data.discover_samples(root)
+
+    skipped = discovery.skipped.set_index("sample_id")
+    assert len(discovery.samples) == 12
+    assert sorted(skipped.index) == ["loose.png", "negative/.hidden.png", "negative/typo.pgn", "positive/deleted.png"]
+    assert skipped.loc["positive/deleted.png", "reason"] == "listed in manifest.csv but not found"
+    assert skipped.loc["positive/deleted.png", "split"] == "valid"
+    assert skipped.loc["positive/deleted.png", "label_name"] == "positive"
+    assert skipped.loc["negative/typo.pgn", "reason"] == "listed in manifest.csv but not found"
+    assert skipped.loc["negative/typo.pgn", "label_name"] == "negative"
+    assert skipped.loc["loose.png", "reason"] == "listed in manifest.csv but outside the class folders ['negative', 'positive']"
+    assert skipped.loc["negative/.hidden.png", "reason"].startswith("listed in manifest.csv but a hidden or system entry")
+
+
+def test_manifest_rows_without_file_raise_when_not_skipped(tmp_path):
+    root = _manifest_tree(tmp_path / "m", [{"path": "positive/deleted.png", "label": "positive", "split": "valid"}])
+
+    with pytest.raises(DataError, match=r"1 row\(s\) of .*manifest.csv name files that are not in the class folders "
+                                        r"\(positive/deleted.png: listed in manifest.csv but not found\); restore the files "
+                                        r"or remove their rows from manifest.csv, or pass -p skip_unreadable true"):
+        data.discover_samples(root, skip_unreadable=False)
+
+
+def test_manifest_naming_no_existing_file_raises(tmp_path):
+    root = tmp_path / "m"
+    rows = []
+    for label, name in enumerate(("negative", "positive")):
+        for index in range(3):
+            write_image(root / name / f"{index}.png", seed=index + 10 * label)
+            rows.append({"path": f"images/{name}/{index}.png", "label": name})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+
+    with pytest.raises(DataError, match=r"none of the 6 path\(s\) in .*manifest.csv names a file in the class folders "
+                                        r"\['negative', 'positive'\] \(for example images/negative/0.png, .* and 1 more\); "
+                                        r"write each path relative to the folder that contains manifest.csv"):
+        data.discover_samples(root)
+
+
+def test_manifest_unlisted_error_names_rows_not_found(tmp_path):
+    root = _manifest_tree(tmp_path / "m", [{"path": "positive/deleted.png", "label": "positive", "split": "valid"}])
+    write_image(root / "positive" / "new.png", seed=99)
+
+    with pytest.raises(DataError, match=r"1 image\(s\) are not listed .*positive/new.png.*; 1 of its row\(s\) name files "
+                                        r"that are not in the class folders \(for example positive/deleted.png\)"):
+        data.discover_samples(root)
+
+
 def test_class_folders_split_is_seeded_and_stratified(tmp_path):
     root = tmp_path / "c"
     for label, name in enumerate(("negative", "positive")):

@@ -91,3 +91,23 @@ def test_check_parameters_reads_papermill_strings():
 def test_unknown_notebook_lists_valid_ones():
     with pytest.raises(ParameterError, match="valid notebooks are"):
         params.declared("04_missing")
+
+
+def test_unknown_notebook_suggests_closest():
+    with pytest.raises(ParameterError, match=r"unknown notebook '01_trian'; did you mean '01_train'\? The valid notebooks are"):
+        params.declared("01_trian")
+
+
+def test_check_parameters_warns_about_misspelt_name(caplog):
+    import json as module
+
+    values = {"epoch": 5, "rundir": module, "preprocessing_in_effect": "vgg16", "_epochs": 3, "learning_rate": 0.01}
+
+    with caplog.at_level("WARNING", logger="cellnb.params"):
+        checked = params.check_parameters("01_train", values)
+
+    assert checked["epochs"] == 30
+    assert checked["learning_rate"] == 0.01
+    assert [record.getMessage() for record in caplog.records] == [
+        "'epoch' is not a parameter of 01_train, so it has no effect; did you mean 'epochs'?"
+    ]

@@ -116,6 +116,43 @@ def test_write_index_marks_failed_and_missing(tmp_path):
     assert "<img" not in index
 
 
+def _index_row(index: str, name: str) -> str:
+    start = index.index(f"<tr><td>{name}</td>")
+    return index[start:index.index("</tr>", start)]
+
+
+def test_write_index_shows_resumed_training(tmp_path):
+    write_run_files(tmp_path)
+    results = [runner.resumed_training_result(tmp_path, resumed_after=2, seconds=30.0),
+               runner.NotebookResult("02_inspect_validation", tmp_path / "b", tmp_path / "b.html", 1.0)]
+
+    row = _index_row(runner.write_index(tmp_path, results).read_text(), "01_train")
+
+    assert "not run" not in row
+    assert "href=" not in row
+    assert ("resumed after epoch 2: epochs 3 to 4 were trained by cellnb run --resume, outside the notebook; "
+            "the notebook left no report") in row
+
+
+def test_write_index_links_report_of_interrupted_training(tmp_path):
+    write_run_files(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "01_train.html").write_text("<html></html>")
+
+    resumed = runner.resumed_training_result(tmp_path, resumed_after=1, seconds=30.0)
+    row = _index_row(runner.write_index(tmp_path, [resumed]).read_text(), "01_train")
+    restarted = runner.resumed_training_result(tmp_path, resumed_after=0, seconds=30.0)
+    finished = runner.resumed_training_result(tmp_path, resumed_after=4, seconds=1.0)
+
+    assert 'href="01_train.html"' in row
+    assert resumed.state.endswith("the linked report is from the notebook's execution before the interruption, "
+                                  "so it shows no epoch after 1")
+    assert "so it shows no epoch after 1</td>" in row
+    assert restarted.state.startswith("trained again from epoch 1 to 4 by cellnb run --resume")
+    assert finished.state == ("all 4 epochs were trained before this --resume, which trained none; "
+                              "the linked report is from the notebook's earlier execution")
+
+
 def test_progress_watcher_echoes_each_epoch(tmp_path):
     lines = []
     watcher = runner.ProgressWatcher(tmp_path, lines.append, interval=0.05)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -189,3 +190,13 @@ def test_cellnb_run_resume_finishes_and_runs_notebooks(workspace):
     for name in ("02_inspect_validation", "03_explain_loss"):
         assert (run_dir / "reports" / f"{name}.html").is_file(), name
     assert json.loads((run_dir / rundir.PROGRESS_FILE).read_text())["epoch"] == EPOCHS
+    index = (run_dir / "reports" / "index.html").read_text()
+    training_row = index[index.index("<tr><td>01_train</td>"):]
+    training_row = training_row[:training_row.index("</tr>")]
+    resumed = re.search(r"resumed after epoch (\d+): epochs (\d+) to (\d+) were trained by cellnb run --resume", training_row)
+    assert "not run" not in training_row
+    assert resumed is not None, training_row
+    assert int(resumed.group(1)) >= 1
+    assert int(resumed.group(2)) == int(resumed.group(1)) + 1
+    assert int(resumed.group(3)) == EPOCHS
+    assert "the notebook left no report" in training_row
