@@ -624,13 +624,16 @@ def make_dataset(
     preprocess=None,
     shuffle: bool = False,
     seed: int = 0,
+    images=None,
 ):
     """Build a batched ``tf.data.Dataset`` of ``{"sample_id", "image", "label"}`` dictionaries.
 
     Images are decoded from disk every pass, so memory stays bounded by the batch, not the data
-    set. ``preprocess`` maps a float32 batch of RGB values in 0-255 to what the model expects.
-    Each batch carries its sample ids, so consumers key results by ``sample_id`` and never rely
-    on iteration order.
+    set, unless ``images`` holds them already decoded: an array (or tensor) from
+    ``decode_images`` over the same rows, which the dataset then reads instead of the files.
+    Both give the same batches. ``preprocess`` maps a float32 batch of RGB values in 0-255 to
+    what the model expects. Each batch carries its sample ids, so consumers key results by
+    ``sample_id`` and never rely on iteration order.
 
     With ``shuffle``, pass ``k`` over the dataset is ordered by ``shuffle_order(n, seed, epoch)``
     with ``epoch = first_epoch() + k``, so the order of an epoch depends only on the seed and
@@ -644,9 +647,13 @@ def make_dataset(
     frame = samples.reset_index(drop=True)
     columns = {
         "sample_id": frame["sample_id"].astype(str).to_numpy(),
-        "path": frame["path"].astype(str).to_numpy(),
         "label": frame["label"].astype(np.int32).to_numpy(),
     }
+    if images is None:
+        columns["path"] = frame["path"].astype(str).to_numpy()
+    else:
+        _check_decoded(images, len(frame), image_size)
+        columns["image"] = images
     if shuffle:
         dataset = _shuffled_rows(columns, seed=seed, first=_SHUFFLE_FIRST_EPOCH.get())
     else:
@@ -660,7 +667,8 @@ def make_dataset(
         image.set_shape((image_size, image_size, 3))
         return {"sample_id": element["sample_id"], "image": image, "label": element["label"]}
 
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if images is None:
+        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch_size)
 
     def finish(batch):
@@ -670,6 +678,35 @@ def make_dataset(
         return {"sample_id": batch["sample_id"], "image": images, "label": batch["label"]}
 
     return dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def decoded_megabytes(count: int, image_size: int) -> float:
+    """Return the size in MB (10^6 bytes) of ``count`` decoded RGB uint8 images of ``image_size`` pixels square."""
+    return count * image_size * image_size * 3 / 1e6
+
+
+def decode_images(samples: pd.DataFrame, *, image_size: int) -> np.ndarray:
+    """Decode every sample's file with ``load_image``; return a uint8 array of shape (n, size, size, 3) in row order.
+
+    The result contains the whole set in memory, so check its size with ``decoded_megabytes`` first.
+    """
+    _check_positive_int("image_size", image_size)
+    paths = samples["path"].astype(str).tolist()
+    decoded = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    # Pillow releases the GIL while it decodes, so threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for row, image in enumerate(pool.map(lambda path: load_image(path, image_size), paths)):
+            decoded[row] = image
+    return decoded
+
+
+def _check_decoded(images, count: int, image_size: int) -> None:
+    expected = (count, image_size, image_size, 3)
+    if tuple(images.shape) != expected or images.dtype != np.uint8:
+        raise ValueError(
+            f"decoded images have shape {tuple(images.shape)} and type {images.dtype}, but these samples need "
+            f"uint8 images of shape {expected}; decode them with decode_images over the same rows and image_size"
+        )
 
 
 _SHUFFLE_FIRST_EPOCH: contextvars.ContextVar[int] = contextvars.ContextVar("shuffle_first_epoch", default=0)

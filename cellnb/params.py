@@ -95,6 +95,8 @@ TRAIN = (
     Parameter("fine_tune_learning_rate", float, 1e-5, "optimizer step size in the second phase", minimum=1e-9, maximum=10.0),
     Parameter("feature_cache", bool, True, "train the head on cached backbone features while the backbone is frozen"),
     Parameter("cache_dir", str, None, "folder of the feature cache; None = ~/.cache/cellnb/features", optional=True),
+    Parameter("image_memory_mb", int, 128, "keep the decoded training and validation images in memory when they fit in "
+              "this many MB (uint8); above it, or at 0, they are decoded from disk every epoch", minimum=0, maximum=1_000_000),
 )
 
 INSPECT = (

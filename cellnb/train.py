@@ -147,17 +147,43 @@ def build_for_run(setup: RunSetup):
 
 
 def make_datasets(setup: RunSetup) -> dict:
-    """Return the tf.data pipelines of a run: ``fit`` (shuffled, model inputs), ``valid`` and ``train`` (fixed order, with ids)."""
+    """Return the tf.data pipelines of a run: ``fit`` (shuffled, model inputs), ``valid`` and ``train`` (fixed order, with ids).
+
+    When the decoded training and validation images fit in ``image_memory_mb``, they are
+    decoded once here and every pipeline reads them from memory; otherwise each pass decodes
+    the files again, so memory stays bounded by the batch.
+    """
     params = setup.params
     options = dict(image_size=params["image_size"], batch_size=params["batch_size"],
                    preprocess=get_preprocessing(setup.preprocessing))
-    train_samples = setup.discovery.split("train")
-    fit = data.make_dataset(train_samples, shuffle=True, seed=params["seed"], **options)
+    train_samples, valid_samples = setup.discovery.split("train"), setup.discovery.split("valid")
+    train_images = valid_images = None
+    if images_in_memory(params, len(train_samples) + len(valid_samples)):
+        import tensorflow as tf
+
+        logger.info("keeping the %d decoded training and validation images in memory (%.1f MB)",
+                    len(train_samples) + len(valid_samples),
+                    data.decoded_megabytes(len(train_samples) + len(valid_samples), params["image_size"]))
+        # One tensor per split, shared by the pipelines that read it, so each image is held once.
+        train_images = tf.convert_to_tensor(data.decode_images(train_samples, image_size=params["image_size"]))
+        valid_images = tf.convert_to_tensor(data.decode_images(valid_samples, image_size=params["image_size"]))
+    fit = data.make_dataset(train_samples, shuffle=True, seed=params["seed"], images=train_images, **options)
     return {
         "fit": data.model_inputs(fit, head=params["head"]),
-        "valid": data.make_dataset(setup.discovery.split("valid"), **options),
-        "train": data.make_dataset(train_samples, **options) if params["record_train"] else None,
+        "valid": data.make_dataset(valid_samples, images=valid_images, **options),
+        "train": data.make_dataset(train_samples, images=train_images, **options) if params["record_train"] else None,
     }
+
+
+def images_in_memory(params: dict, count: int) -> bool:
+    """Return whether ``count`` decoded images of the run's size fit in its ``image_memory_mb``."""
+    limit = _image_memory_limit(params)
+    return limit > 0 and data.decoded_megabytes(count, params["image_size"]) <= limit
+
+
+def _image_memory_limit(params: dict) -> int:
+    # A run directory written before the parameter existed resumes with its default.
+    return params.get("image_memory_mb", 128)
 
 
 PHASE_HEAD = "head"
@@ -333,6 +359,7 @@ def describe_setup(setup: RunSetup) -> str:
         f"- training: {params['epochs']} epochs, batch size {params['batch_size']}, "
         f"{params['optimizer']} with learning rate {params['learning_rate']}, seed {params['seed']}",
         f"- {describe_feature_cache(params)}",
+        f"- {describe_image_memory(params, setup.discovery)}",
     ]
     if params.get("fine_tune_epochs", 0) > 0:
         layers = "all backbone layers" if params["fine_tune_layers"] == -1 else f"the last {params['fine_tune_layers']} backbone layers"
@@ -352,6 +379,21 @@ def describe_feature_cache(params: dict) -> str:
                 f"and the head trains on them (phase `head` in `history.csv`)")
     return f"feature cache: off, the backbone runs on every image in every epoch, because {reason}"
 
+
+def describe_image_memory(params: dict, discovery: data.Discovery) -> str:
+    """Return one Markdown line on whether the decoded images are held in memory between epochs."""
+    if features.cache_unavailable_reason(params) is None and params.get("fine_tune_epochs", 0) == 0:
+        return "decoded images: each image is decoded once, for its backbone features, and none is kept in memory"
+    count = int(discovery.samples["split"].isin(["train", "valid"]).sum())
+    size = data.decoded_megabytes(count, params["image_size"])
+    limit = _image_memory_limit(params)
+    if images_in_memory(params, count):
+        return (f"decoded images: the {count} training and validation images ({size:.1f} MB) are decoded once and "
+                f"kept in memory (`image_memory_mb` is {limit})")
+    if limit == 0:
+        return "decoded images: decoded from disk in every pass, because `image_memory_mb` is 0"
+    return (f"decoded images: decoded from disk in every pass, because the {count} training and validation images "
+            f"({size:.1f} MB) exceed `image_memory_mb` ({limit})")
 
 
 def describe_skipped(setup: RunSetup) -> str:

@@ -278,6 +278,44 @@ def test_make_dataset_keys_every_sample_by_id(split_tree):
     assert {shape for _, shape in seen.values()} == {(16, 16, 3)}
 
 
+def _batches(dataset):
+    return [{name: values.numpy() for name, values in batch.items()} for batch in dataset]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_decoded_images_match_files(split_tree, shuffle):
+    samples = data.discover_samples(split_tree).split("train")
+    options = dict(image_size=16, batch_size=5, shuffle=shuffle, seed=4, preprocess=lambda images: images / 127.5 - 1)
+    decoded = data.decode_images(samples, image_size=16)
+
+    from_files = data.make_dataset(samples, **options)
+    from_memory = data.make_dataset(samples, images=decoded, **options)
+
+    assert decoded.shape == (12, 16, 16, 3)
+    assert decoded.dtype == np.uint8
+    # Two passes each, so the second epoch's shuffled order is compared too.
+    for _ in range(2):
+        expected, got = _batches(from_files), _batches(from_memory)
+        assert len(expected) == len(got) == 3
+        for left, right in zip(expected, got):
+            assert list(left["sample_id"]) == list(right["sample_id"])
+            assert list(left["label"]) == list(right["label"])
+            np.testing.assert_array_equal(left["image"], right["image"])
+
+
+def test_decoded_images_must_match_the_rows(split_tree):
+    samples = data.discover_samples(split_tree).split("train")
+    decoded = data.decode_images(samples.head(5), image_size=16)
+
+    with pytest.raises(ValueError, match=r"shape \(5, 16, 16, 3\).*\(12, 16, 16, 3\)"):
+        data.make_dataset(samples, image_size=16, batch_size=4, images=decoded)
+
+
+def test_decoded_megabytes_counts_uint8_rgb():
+    assert data.decoded_megabytes(20000, 64) == pytest.approx(245.76)
+    assert data.decoded_megabytes(1000, 96) == pytest.approx(27.648)
+
+
 def test_too_few_images_per_class_raises(tmp_path):
     root = write_split_tree(tmp_path / "d", {"train": (3, 3), "valid": (1, 3)})
 

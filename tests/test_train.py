@@ -109,3 +109,52 @@ def test_head_only_phase_keeps_backbone_weights(split_tree, tmp_path):
         np.testing.assert_array_equal(old, new.numpy())
     assert not np.array_equal(head_before, model.get_layer("logits").kernel.numpy())
     assert int(model.optimizer.iterations.numpy()) == 6  # 2 epochs of 3 batches: the full model's optimizer stepped
+
+
+def _count_decodes(monkeypatch):
+    from cellnb import data
+
+    decoded = []
+    original = data.load_image
+
+    def counting(path, image_size):
+        decoded.append(str(path))
+        return original(path, image_size)
+
+    monkeypatch.setattr(data, "load_image", counting)
+    return decoded
+
+
+@pytest.mark.parametrize("memory_mb, decodes", [(128, 18), (0, 3 * 30)])
+def test_images_in_memory_decoded_once(split_tree, tmp_path, monkeypatch, memory_mb, decodes):
+    """18 training and validation images; 3 epochs reading 12 + 6 + 12 (recorded training) each when streamed."""
+    reference = _setup(split_tree, tmp_path / "reference", tmp_path / "cache", backbone="small_cnn", image_size=16,
+                       epochs=3, image_memory_mb=0)
+    expected = train.train(reference, train.build_for_run(reference))
+    setup = _setup(split_tree, tmp_path / "run", tmp_path / "cache", backbone="small_cnn", image_size=16, epochs=3,
+                   image_memory_mb=memory_mb)
+    model = train.build_for_run(setup)
+
+    decoded = _count_decodes(monkeypatch)
+    history = train.train(setup, model)
+
+    assert len(decoded) == decodes
+    columns = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    np.testing.assert_allclose(history[columns].to_numpy(), expected[columns].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(rundir.load_run(tmp_path / "run").trajectories.probabilities,
+                               rundir.load_run(tmp_path / "reference").trajectories.probabilities, rtol=1e-6)
+
+
+def test_image_memory_limit_respected(split_tree, tmp_path):
+    small = _setup(split_tree, tmp_path / "small", tmp_path / "cache", backbone="small_cnn", image_size=64)
+    assert train.images_in_memory(small.params, 18)
+    assert "(0.2 MB) are decoded once and kept in memory (`image_memory_mb` is 128)" in train.describe_setup(small)
+
+    large = dict(small.params, image_memory_mb=1)
+    assert not train.images_in_memory(large, 500)  # 500 x 64 x 64 x 3 bytes = 6.1 MB
+    assert train.images_in_memory(large, 80)  # 0.98 MB
+    assert "exceed `image_memory_mb` (1)" in train.describe_image_memory(dict(large, image_size=1024), small.discovery)
+    assert "is 0" in train.describe_image_memory(dict(small.params, image_memory_mb=0), small.discovery)
+
+    frozen = _setup(split_tree, tmp_path / "frozen", tmp_path / "cache")
+    assert "decoded once, for its backbone features" in train.describe_setup(frozen)
