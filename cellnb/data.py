@@ -734,11 +734,12 @@ def _shuffled_rows(columns: dict, *, seed: int, first: int):
     epochs = itertools.count(first)
     table = {name: tf.constant(values) for name, values in columns.items()}
 
-    def indices():
-        # tf.data calls this once per pass, and Keras' fit makes one pass per epoch.
-        yield from shuffle_order(count, seed, next(epochs))
+    def order():
+        # tf.data calls this once per pass, and Keras' fit makes one pass per epoch. The whole
+        # order is yielded at once, because a Python call per sample would slow every epoch.
+        yield shuffle_order(count, seed, next(epochs))
 
-    positions = tf.data.Dataset.from_generator(indices, output_signature=tf.TensorSpec((), tf.int64))
+    positions = tf.data.Dataset.from_generator(order, output_signature=tf.TensorSpec((count,), tf.int64)).unbatch()
     positions = positions.apply(tf.data.experimental.assert_cardinality(count))
     return positions.map(lambda index: {name: tf.gather(values, index) for name, values in table.items()})
 

@@ -10,6 +10,7 @@ top backbone layers. Inspection and explanation only read what these write.
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -303,6 +304,9 @@ def _fit_on_features(setup: RunSetup, model, *, echo, verbose, initial_epoch, pr
         head.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
     else:
         compile_model(head, head=params["head"], learning_rate=params["learning_rate"], optimizer=params["optimizer"])
+    # A step of the head alone is so small that Python's per-step overhead would dominate it. So one
+    # compiled call runs a whole epoch, and per-batch callbacks run once per epoch.
+    head.steps_per_execution = max(1, math.ceil(len(train_samples) / params["batch_size"]))
     recorder = TrajectoryRecorder(valid, setup.run_dir, train_data=train_data, previous=previous, input_key="features",
                                   phase=PHASE_HEAD, scorer=head_logits)
     wrapped = [FullModelCallback(callback, model) for callback in callbacks]
