@@ -165,6 +165,8 @@ def _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, na
 
         report = render_html(output, run_dir / REPORTS_FOLDER / f"{name}.html", failure=failure, report_code=report_code)
         result = NotebookResult(name, output, report, time.time() - started, failure)
+        if name == "01_train" and interrupt.requested and failure is None:
+            result.state = stopped_training_state(run_dir, values)
         results.append(result)
         echo(f"{'FAILED' if failure else 'finished'} {name}.ipynb in {result.seconds:.0f} s -> {report}")
         if failure is not None:
@@ -420,6 +422,20 @@ def resumed_training_result(run_dir: str | Path, *, resumed_after: int, seconds:
                        f"so it shows no epoch after {resumed_after}")
     state += f"; {report_note}" if report.is_file() else "; the notebook left no report"
     return NotebookResult("01_train", run_dir / NOTEBOOKS_FOLDER / "01_train.ipynb", report, seconds, state=state)
+
+
+def stopped_training_state(run_dir: Path, values: dict) -> str | None:
+    """Return the index's state of notebook 01 when Ctrl-C ended its training early, or None if every epoch ran.
+
+    ``values`` are the run's parameters; missing ones take their declared defaults.
+    """
+    known = parameters.all_parameters()
+    planned = values.get("epochs", known["epochs"].default) + values.get("fine_tune_epochs", known["fine_tune_epochs"].default)
+    trained = key_numbers(run_dir).get("epochs", 0)
+    if trained >= planned:
+        return None
+    return (f"stopped by Ctrl-C after epoch {trained} of {planned}; "
+            f"continue with cellnb run --resume {Path(run_dir)}")
 
 
 def key_numbers(run_dir: Path) -> dict:

@@ -302,3 +302,5 @@ def test_ctrl_c_stops_training_and_keeps_finished_epochs(tiny_synthetic, tmp_pat
     assert not (run_dir / "notebooks" / "02_inspect_validation.ipynb").exists()
     assert not (run_dir / "stop_requested").exists()
     assert "Traceback" not in stderr
+    index = (run_dir / "reports" / "index.html").read_text()
+    assert f"stopped by Ctrl-C after epoch {len(history)} of 200; continue with cellnb run --resume {run_dir}" in index

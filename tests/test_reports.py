@@ -239,3 +239,13 @@ def test_training_cell_streams_one_line_per_epoch(tiny_synthetic, tmp_path):
     assert len(arrivals) >= 2
     assert arrivals[0][0] < arrivals[-1][0] < finished
     assert json.loads((tmp_path / "run" / rundir.PROGRESS_FILE).read_text())["epoch"] == 3
+
+
+def test_stopped_training_state_counts_epochs(tmp_path):
+    write_run_files(tmp_path)  # four epochs in history.csv
+
+    stopped = runner.stopped_training_state(tmp_path, {"epochs": 10})
+    finished = runner.stopped_training_state(tmp_path, {"epochs": 2, "fine_tune_epochs": 2})
+
+    assert stopped == f"stopped by Ctrl-C after epoch 4 of 10; continue with cellnb run --resume {tmp_path}"
+    assert finished is None
