@@ -193,6 +193,13 @@ def check_training_values(values: dict) -> None:
             f"parameter 'epochs' received {values.get('epochs')!r}; cellnb run explains the change of the validation "
             f"loss between two epochs, so it needs at least 2 (run notebooks/01_train.ipynb alone for a 1-epoch run)"
         )
+    for name in ("epoch_from", "epoch_to"):
+        chosen = values.get(name, known[name].default)
+        if chosen > epochs:
+            raise ParameterError(
+                f"parameter {name!r} received {chosen}, but the run trains {epochs} epochs; choose an epoch from "
+                f"1 to {epochs}, or 0 for the default"
+            )
     weights = values.get("weights")
     if weights not in (None, "imagenet") and not Path(weights).expanduser().is_file():
         raise ParameterError(

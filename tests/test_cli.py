@@ -260,6 +260,18 @@ def test_run_rejects_values_that_would_fail_after_training(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("name", ["epoch_from", "epoch_to"])
+def test_run_rejects_comparison_epoch_beyond_training(tmp_path, capsys, name):
+    status = cli.main(["run", "--run-dir", str(tmp_path / "run"), "-p", "epochs", "2", "-p", "fine_tune_epochs", "0",
+                       "-p", name, "5"])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith(f"error: parameter '{name}' received 5, but the run trains 2 epochs; "
+                            f"choose an epoch from 1 to 2, or 0 for the default")
+    assert not (tmp_path / "run").exists()
+
+
 def test_notebook_training_rejects_a_finished_run_directory(split_tree, tmp_path):
     from cellnb import params, train
 
