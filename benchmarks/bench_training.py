@@ -43,6 +43,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "pcam"
 RESULT_PREFIX = "BENCHMARK_RESULT "
 IMAGE_SIZE = 96
 FINE_TUNE_LAYERS = 4  # VGG16's last block: three convolutions and a pooling layer
+SMALL_MEMORY_IMAGES = 400
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -59,7 +60,14 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--repetition", type=int, default=0, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("train_per_class", "valid_per_class", "epochs", "fine_tune_epochs", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.memory_images <= SMALL_MEMORY_IMAGES:
+        parser.error(f"--memory-images must be above the {SMALL_MEMORY_IMAGES} images of the small memory run, so the two "
+                     f"runs can be compared; got {args.memory_images}")
+    return args
 
 
 # ---------------------------------------------------------------- cases, each run in a child process
@@ -303,7 +311,7 @@ def main(argv=None) -> None:
         for repetition in range(args.repeats):
             run("keras_plain_fine_tune", repetition)
             run("cellnb_fine_tune", repetition)
-        write_random_pngs(workdir / "random_small", 400)
+        write_random_pngs(workdir / "random_small", SMALL_MEMORY_IMAGES)
         run("memory_small")
         write_random_pngs(workdir / "random_large", args.memory_images)
         run("memory_large")
@@ -343,13 +351,14 @@ def render_report(args, machine: dict, results: dict) -> str:
         "user plus system time over the same span. Peak memory is the maximum resident set size of",
         "the case's process (`resource.getrusage(RUSAGE_SELF).ru_maxrss`).",
         "",
-        f"The cases that a target compares within a few percent ran {args.repeats} times each, interleaved",
+        f"The cases that a target compares within a few percent ran {args.repeats} time(s) each, interleaved",
         "(floor, cellnb, floor, cellnb, ...), and the targets compare the fastest run of each case,",
         "because other processes on the machine can only add time to a run. Every run's time is listed.",
-        "On these shared 2-core machines a whole run sometimes goes at about 1.2 cores instead of 1.9,",
-        "taking about 1.6 times as long for the same CPU seconds. It happened to a plain loop of VGG16",
-        "forward calls without cellnb as well, so the cause lies outside cellnb. The CPU seconds, which",
-        "that slowdown leaves unchanged, are listed and compared too.",
+        "On the shared 2-core machines where this script was written, a whole run was seen to go at",
+        "about 1.2 cores instead of 1.9 at times, taking about 1.6 times as long for the same CPU",
+        "seconds, and a plain loop of VGG16 forward calls without cellnb did the same. So the cores",
+        "each run used are listed, and the CPU seconds, which that slowdown leaves unchanged, are",
+        "compared too.",
         "",
         "## Frozen VGG16",
         "",
@@ -358,7 +367,7 @@ def render_report(args, machine: dict, results: dict) -> str:
         f"a 2-unit softmax head, Adam at 1e-3, batch size {args.batch_size}, {args.epochs} epochs, seed 0.",
         "cellnb runs with `record_train` off, so it records the validation samples only, as (a) does.",
         "",
-        "| case | seconds (fastest) | all runs (cores used) | CPU seconds | peak MB | backbone images | vs (a) | vs floor |",
+        "| case | seconds (fastest) | all runs (cores used) | CPU seconds | peak MB | backbone images | speed-up over (a) | times the floor |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     frozen_rows = [
@@ -373,8 +382,8 @@ def render_report(args, machine: dict, results: dict) -> str:
         backbone = run.get("backbone_images") if backbone is None else backbone
         lines.append(
             f"| {label} | {run['seconds']:.1f} | {_all_runs(results[case])} | {run['cpu_seconds']:.1f} | "
-            f"{run['peak_megabytes']:.0f} | {backbone} | {seconds['keras_predict'] / run['seconds']:.1f}x faster | "
-            f"{run['seconds'] / seconds['floor']:.2f} |"
+            f"{run['peak_megabytes']:.0f} | {backbone} | {seconds['keras_predict'] / run['seconds']:.1f}x | "
+            f"{run['seconds'] / seconds['floor']:.2f}x |"
         )
     cold_speedup = seconds["keras_predict"] / seconds["cellnb_cold"]
     cpu_speedup = best["keras_predict"]["cpu_seconds"] / best["cellnb_cold"]["cpu_seconds"]
@@ -434,6 +443,13 @@ def render_report(args, machine: dict, results: dict) -> str:
         run = best[case]
         held = "yes" if run["images_in_memory"] else "no"
         lines.append(f"| {run['images']} | {run['decoded_megabytes']} | {held} | {run['seconds']:.1f} | {run['peak_megabytes']:.0f} |")
+    small, large = best["memory_small"], best["memory_large"]
+    lines += [
+        "",
+        f"From {small['images']} to {large['images']} images the decoded size grew by "
+        f"{large['decoded_megabytes'] - small['decoded_megabytes']:.1f} MB and the peak memory by "
+        f"{large['peak_megabytes'] - small['peak_megabytes']:.0f} MB.",
+    ]
     return "\n".join(lines) + "\n"
 
 
