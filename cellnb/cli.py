@@ -119,7 +119,10 @@ def _read_yaml(path: Path, known: dict) -> dict:
     values = {}
     for name, value in loaded.items():
         parameters.check_names([name], known, source=f" in {str(path)!r}")
-        values[name] = parameters.coerce_value(known[name], value)
+        try:
+            values[name] = parameters.coerce_value(known[name], value)
+        except ParameterError as error:
+            raise ParameterError(f"in parameters file {str(path)!r}: {error}") from None
     return values
 
 
@@ -166,7 +169,7 @@ def choose_path(option: str, option_value: str | None, name: str, values: dict, 
     if option_value is not None and not _same_path(option_value, values[name]):
         raise ParameterError(
             f"{option} {option_value!r} and {given_as} {values[name]!r} name different folders; "
-            f"give the folder once, with {option} or with -p {name}"
+            f"give the folder once, with {option} or {'with -p ' + name if given_as.startswith('-p') else 'in the file'}"
         )
     return option_value if option_value is not None else values[name], given_as
 

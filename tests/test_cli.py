@@ -51,7 +51,8 @@ def test_parameters_file_unknown_name_suggests(tmp_path):
         (["--data-dir", "{a}", "-p", "data_dir", "{b}"],
          "--data-dir '{a}' and -p data_dir '{b}' name different folders; give the folder once, with --data-dir or with -p data_dir"),
         (["--data-dir", "{a}", "-f", "{yaml}"],
-         "--data-dir '{a}' and data_dir from '{yaml}' '{b}' name different folders"),
+         "--data-dir '{a}' and data_dir from '{yaml}' '{b}' name different folders; give the folder once, with "
+         "--data-dir or in the file"),
         (["--run-dir", "{a}", "-p", "run_dir", "{b}", "-p", "epochs", "1"],
          "--run-dir '{a}' and -p run_dir '{b}' name different folders; give the folder once, with --run-dir or with -p run_dir"),
         (["--resume", "{a}", "-p", "run_dir", "{b}"],
@@ -71,6 +72,17 @@ def test_run_rejects_option_and_parameter_that_differ(tmp_path, capsys, argument
     assert status == 2
     assert error.startswith("error: " + message.format(**names))
     assert not (tmp_path / "a" / "notebooks").exists()
+
+
+def test_parameters_file_type_error_names_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("image_memory_mb: -5\n")
+
+    with pytest.raises(ParameterError) as raised:
+        cli.collect_parameters([], str(path))
+
+    assert str(raised.value).startswith(f"in parameters file '{path}': ")
+    assert "image_memory_mb" in str(raised.value)
 
 
 def test_run_checks_folders_given_with_p(tmp_path, capsys, monkeypatch):
