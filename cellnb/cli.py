@@ -167,9 +167,10 @@ def choose_path(option: str, option_value: str | None, name: str, values: dict, 
         return option_value, option
     given_as = _parameter_source(args, name)
     if option_value is not None and not _same_path(option_value, values[name]):
+        other_way = f"with -p {name}" if given_as.startswith("-p") else "in the file"
         raise ParameterError(
             f"{option} {option_value!r} and {given_as} {values[name]!r} name different folders; "
-            f"give the folder once, with {option} or {'with -p ' + name if given_as.startswith('-p') else 'in the file'}"
+            f"give the folder once, with {option} or {other_way}"
         )
     return option_value if option_value is not None else values[name], given_as
 
@@ -190,7 +191,7 @@ def _same_path(first: str, second: str) -> bool:
 def check_training_values(values: dict) -> None:
     """Reject, before any kernel starts, values that would only fail after training."""
     known = parameters.all_parameters()
-    epochs = values.get("epochs", known["epochs"].default) + values.get("fine_tune_epochs", known["fine_tune_epochs"].default)
+    epochs = parameters.planned_epochs(values)
     if epochs < 2:
         raise ParameterError(
             f"parameter 'epochs' received {values.get('epochs')!r}; cellnb run explains the change of the validation "

@@ -659,6 +659,23 @@ def make_dataset(
     else:
         dataset = tf.data.Dataset.from_tensor_slices(columns)
 
+    if images is None:
+        dataset = dataset.map(_image_loader(image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(batch_size)
+
+    def finish(batch):
+        pixels = tf.cast(batch["image"], tf.float32)
+        if preprocess is not None:
+            pixels = preprocess(pixels)
+        return {"sample_id": batch["sample_id"], "image": pixels, "label": batch["label"]}
+
+    return dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _image_loader(image_size: int):
+    """Return a tf.data map function that replaces an element's ``path`` with its decoded ``image``."""
+    import tensorflow as tf
+
     def decode(path):
         return load_image(path.decode("utf-8"), image_size)
 
@@ -667,17 +684,7 @@ def make_dataset(
         image.set_shape((image_size, image_size, 3))
         return {"sample_id": element["sample_id"], "image": image, "label": element["label"]}
 
-    if images is None:
-        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.batch(batch_size)
-
-    def finish(batch):
-        images = tf.cast(batch["image"], tf.float32)
-        if preprocess is not None:
-            images = preprocess(images)
-        return {"sample_id": batch["sample_id"], "image": images, "label": batch["label"]}
-
-    return dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return load
 
 
 def decoded_megabytes(count: int, image_size: int) -> float:

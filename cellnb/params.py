@@ -157,6 +157,13 @@ def check_parameters(notebook: str, values: Mapping[str, Any]) -> dict[str, Any]
     return checked
 
 
+def planned_epochs(values: Mapping[str, Any]) -> int:
+    """Return the epochs a training run makes, ``epochs`` plus ``fine_tune_epochs``, with defaults for missing ones."""
+    known = all_parameters()
+    return (values.get("epochs", known["epochs"].default)
+            + values.get("fine_tune_epochs", known["fine_tune_epochs"].default))
+
+
 def check_names(names: Iterable[str], valid: Iterable[str], *, source: str = "") -> None:
     """Raise ParameterError for the first of ``names`` that is not among ``valid``, suggesting the closest valid name.
 

@@ -429,8 +429,7 @@ def stopped_training_state(run_dir: Path, values: dict) -> str | None:
 
     ``values`` are the run's parameters; missing ones take their declared defaults.
     """
-    known = parameters.all_parameters()
-    planned = values.get("epochs", known["epochs"].default) + values.get("fine_tune_epochs", known["fine_tune_epochs"].default)
+    planned = parameters.planned_epochs(values)
     trained = key_numbers(run_dir).get("epochs", 0)
     if trained >= planned:
         return None

@@ -20,6 +20,7 @@ import pandas as pd
 
 import cellnb
 from cellnb import data, features, rundir
+from cellnb import params as parameters
 from cellnb.audit import check_setup
 from cellnb.errors import ModelError, RunDirectoryError
 from cellnb.model import PREPROCESSING, build_model, compile_model, get_preprocessing, resolve_preprocessing
@@ -151,7 +152,7 @@ def make_datasets(setup: RunSetup) -> dict:
     """Return the tf.data pipelines of a run: ``fit`` (shuffled, model inputs), ``valid`` and ``train`` (fixed order, with ids).
 
     When the decoded training and validation images fit in ``image_memory_mb``, they are
-    decoded once here and every pipeline reads them from memory; otherwise each pass decodes
+    decoded once here and every pipeline reads them from memory. Otherwise each pass decodes
     the files again, so memory stays bounded by the batch.
     """
     params = setup.params
@@ -159,12 +160,12 @@ def make_datasets(setup: RunSetup) -> dict:
                    preprocess=get_preprocessing(setup.preprocessing))
     train_samples, valid_samples = setup.discovery.split("train"), setup.discovery.split("valid")
     train_images = valid_images = None
-    if images_in_memory(params, len(train_samples) + len(valid_samples)):
+    count = len(train_samples) + len(valid_samples)
+    if images_in_memory(params, count):
         import tensorflow as tf
 
         logger.info("keeping the %d decoded training and validation images in memory (%.1f MB)",
-                    len(train_samples) + len(valid_samples),
-                    data.decoded_megabytes(len(train_samples) + len(valid_samples), params["image_size"]))
+                    count, data.decoded_megabytes(count, params["image_size"]))
         # One tensor per split, shared by the pipelines that read it, so each image is held once.
         train_images = tf.convert_to_tensor(data.decode_images(train_samples, image_size=params["image_size"]))
         valid_images = tf.convert_to_tensor(data.decode_images(valid_samples, image_size=params["image_size"]))
@@ -184,7 +185,7 @@ def images_in_memory(params: dict, count: int) -> bool:
 
 def _image_memory_limit(params: dict) -> int:
     # A run directory written before the parameter existed resumes with its default.
-    return params.get("image_memory_mb", 128)
+    return params.get("image_memory_mb", parameters.declared("01_train")["image_memory_mb"].default)
 
 
 PHASE_HEAD = "head"
