@@ -441,8 +441,8 @@ def render_report(args, machine: dict, results: dict) -> str:
     ]
     for case in ("memory_small", "memory_large"):
         run = best[case]
-        held = "yes" if run["images_in_memory"] else "no"
-        lines.append(f"| {run['images']} | {run['decoded_megabytes']} | {held} | {run['seconds']:.1f} | {run['peak_megabytes']:.0f} |")
+        in_memory = "yes" if run["images_in_memory"] else "no"
+        lines.append(f"| {run['images']} | {run['decoded_megabytes']} | {in_memory} | {run['seconds']:.1f} | {run['peak_megabytes']:.0f} |")
     small, large = best["memory_small"], best["memory_large"]
     lines += [
         "",
