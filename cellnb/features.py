@@ -224,7 +224,7 @@ def make_feature_dataset(samples: pd.DataFrame, features: dict[str, np.ndarray],
         dataset = data._shuffled_rows(columns, seed=seed, first=data._SHUFFLE_FIRST_EPOCH.get())
     else:
         dataset = tf.data.Dataset.from_tensor_slices(columns)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return data.without_autotune(dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def feature_inputs(dataset, *, head: str):

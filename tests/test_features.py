@@ -7,6 +7,7 @@ import logging
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cellnb import data, features, params, rundir, train
 from cellnb.model import build_model, get_preprocessing
@@ -172,3 +173,23 @@ def test_feature_dataset_shuffles_like_image_dataset(split_tree):
         image_order = np.concatenate([batch["sample_id"].numpy() for batch in images])
         feature_order = np.concatenate([batch["sample_id"].numpy() for batch in cached])
         assert list(image_order) == list(feature_order)
+
+
+def test_every_training_dataset_runs_without_autotune(split_tree):
+    # tf.data's autotuning thread can stall an iterator's destruction for seconds (see
+    # data.without_autotune), and Keras destroys one iterator per epoch.
+    samples = data.discover_samples(split_tree).split("train")
+    vectors = {sha: np.zeros(2, dtype=np.float32) for sha in samples["sha256"]}
+    decoded = data.decode_images(samples, image_size=16)
+    datasets = {
+        "from files": data.make_dataset(samples, image_size=16, batch_size=4, shuffle=True),
+        "from memory": data.make_dataset(samples, image_size=16, batch_size=4, images=decoded),
+        "features": features.make_feature_dataset(samples, vectors, batch_size=4, shuffle=True),
+    }
+    datasets["model inputs"] = data.model_inputs(datasets["from files"], head="softmax2")
+    datasets["feature inputs"] = features.feature_inputs(datasets["features"], head="sigmoid1")
+
+    autotune = {name: dataset.options().autotune.enabled for name, dataset in datasets.items()}
+
+    assert autotune == dict.fromkeys(datasets, False)
+    assert tf.data.Dataset.range(3).options().autotune.enabled is None  # the default, for contrast
