@@ -288,10 +288,13 @@ def _check_range(parameter: Parameter, value: Any) -> None:
         raise ParameterError(f"parameter {parameter.name!r} received {value!r}; valid values are {list(parameter.choices)}")
     if parameter.kind is float and not math.isfinite(value):
         raise ParameterError(f"parameter {parameter.name!r} received {value!r}; expected a finite number")
-    if parameter.minimum is not None and value < parameter.minimum:
-        raise ParameterError(f"parameter {parameter.name!r} received {value!r}; expected {parameter.expected}")
-    if parameter.maximum is not None and value > parameter.maximum:
-        raise ParameterError(f"parameter {parameter.name!r} received {value!r}; expected {parameter.expected}")
+    below = parameter.minimum is not None and value < parameter.minimum
+    above = parameter.maximum is not None and value > parameter.maximum
+    if below or above:
+        # The help text explains the limits, such as "0 = frozen, -1 = all".
+        raise ParameterError(
+            f"parameter {parameter.name!r} received {value!r}; expected {parameter.expected} ({parameter.help})"
+        )
     if parameter.check is not None:
         problem = parameter.check(value)
         if problem:

@@ -64,6 +64,8 @@ def test_parse_text_types(name, text, expected):
         ("epochs", True, r"parameter 'epochs' received True \(bool\); expected int"),
         ("epochs", 2.5, r"parameter 'epochs' received 2.5 \(float\); expected int"),
         ("batch_size", -4, r"parameter 'batch_size' received -4"),
+        ("image_memory_mb", -1, r"expected int in \[0, 1000000\] \(.*at 0, they are decoded from disk every epoch\)"),
+        ("trainable_layers", -2, r"expected int in \[-1, inf\] \(.*0 = frozen, -1 = all\)"),
         ("head", "softmax1", r"parameter 'head' received 'softmax1'; valid values are \['softmax2', 'sigmoid1'\]"),
         ("backbone", "vgg19", r"valid values are \['small_cnn', 'vgg16', 'mobilenet_v2', 'resnet50'\]"),
         ("classes", ["a"], r"expected two different class folder names"),
