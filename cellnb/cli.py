@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default="",
                      help="image folder, the same as -p data_dir (default: generate the built-in synthetic cells)")
     run.add_argument("--run-dir", default=None, help="output folder, the same as -p run_dir (default: outputs/<name>)")
-    run.add_argument("--name", default=DEFAULT_RUN_NAME, help="run name used for the default run directory")
+    run.add_argument("--name", default=None,
+                     help=f"run name; the run directory is outputs/<name> (default: {DEFAULT_RUN_NAME}); not with --run-dir")
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="set a notebook parameter; repeatable; the value is checked against the declared type")
     run.add_argument("-f", "--parameters-file", default=None, help="YAML file of parameters (-p values win)")
@@ -133,7 +134,12 @@ def command_run(args) -> int:
         return command_resume(args)
     values = collect_parameters(args.parameter, args.parameters_file)
     data_dir_text, data_dir_option = choose_path("--data-dir", args.data_dir, "data_dir", values, args)
-    run_dir_text, _ = choose_path("--run-dir", args.run_dir, "run_dir", values, args)
+    run_dir_text, run_dir_option = choose_path("--run-dir", args.run_dir, "run_dir", values, args)
+    if args.name is not None and run_dir_text:
+        raise ParameterError(
+            f"--name {args.name!r} chooses the run directory outputs/{args.name}, but {run_dir_option} {run_dir_text!r} "
+            f"chooses another; give only one of them"
+        )
     check_training_values(values)
     if data_dir_text:
         data_dir = Path(data_dir_text).expanduser()
@@ -143,7 +149,7 @@ def command_run(args) -> int:
             raise ParameterError(f"{data_dir_option} {data_dir_text!r} not found; pass the folder that contains your images")
         values["data_dir"] = str(data_dir.resolve())
         check_data(data_dir, values)
-    run_dir = Path(run_dir_text or Path("outputs") / args.name).expanduser().resolve()
+    run_dir = Path(run_dir_text or Path("outputs") / (args.name or DEFAULT_RUN_NAME)).expanduser().resolve()
     check_run_dir(run_dir, overwrite=args.overwrite)
     check_before_run(args.notebooks, args.kernel)
     prepare_run_dir(run_dir, overwrite=args.overwrite)
@@ -237,12 +243,14 @@ def command_resume(args) -> int:
             f"run directories; give the run directory once, with --resume"
         )
     training = sorted(set(values) & set(parameters.declared("01_train")) - {"run_dir"})
-    if args.data_dir or args.run_dir or training:
+    if args.data_dir or args.run_dir or args.name is not None or training:
         rejected = []
         if args.data_dir:
             rejected.append("--data-dir")
         if args.run_dir:
             rejected.append("--run-dir")
+        if args.name is not None:
+            rejected.append("--name")
         rejected += training
         raise ParameterError(
             f"--resume continues with the training parameters in the run's config.json, so {rejected} cannot be "
@@ -256,7 +264,8 @@ def command_resume(args) -> int:
     print(f"cellnb run --resume {run_dir}")
     resumed_after = find_resume_point(run_dir).epoch
     started = time.time()
-    resume_training(run_dir, echo=lambda line: print(line, flush=True))
+    # Indented like the epoch lines of notebook 01 in a normal run.
+    resume_training(run_dir, echo=lambda line: print("  " + line, flush=True))
     training_result = resumed_training_result(run_dir, resumed_after=resumed_after, seconds=time.time() - started)
     run_notebooks(run_dir, values, notebooks_dir=args.notebooks, kernel_name=args.kernel,
                   echo=lambda line: print(line, flush=True), report_code=not args.no_code, names=NOTEBOOKS[1:],

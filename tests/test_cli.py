@@ -57,8 +57,15 @@ def test_parameters_file_unknown_name_suggests(tmp_path):
          "--run-dir '{a}' and -p run_dir '{b}' name different folders; give the folder once, with --run-dir or with -p run_dir"),
         (["--resume", "{a}", "-p", "run_dir", "{b}"],
          "--resume '{a}' and -p run_dir '{b}' name different run directories; give the run directory once, with --resume"),
+        (["--name", "trial", "--run-dir", "{a}"],
+         "--name 'trial' chooses the run directory outputs/trial, but --run-dir '{a}' chooses another; give only one of them"),
+        (["--name", "trial", "-p", "run_dir", "{a}"],
+         "--name 'trial' chooses the run directory outputs/trial, but -p run_dir '{a}' chooses another"),
+        (["--resume", "{a}", "--name", "trial"],
+         "--resume continues with the training parameters in the run's config.json, so ['--name'] cannot be changed"),
     ],
-    ids=["data_dir_from_p", "data_dir_from_file", "run_dir_from_p", "resume_and_run_dir"],
+    ids=["data_dir_from_p", "data_dir_from_file", "run_dir_from_p", "resume_and_run_dir", "name_and_run_dir",
+         "name_and_run_dir_parameter", "resume_and_name"],
 )
 def test_run_rejects_option_and_parameter_that_differ(tmp_path, capsys, arguments, message):
     names = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b"), "yaml": str(tmp_path / "params.yaml")}

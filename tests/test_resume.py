@@ -185,7 +185,8 @@ def test_cellnb_run_resume_finishes_and_runs_notebooks(workspace):
     assert refused.returncode == 2
     assert "--resume" in refused.stderr
     assert completed.returncode == 0, completed.stdout + completed.stderr[-3000:]
-    assert "resuming after epoch" in completed.stdout
+    assert "\n  resuming after epoch" in completed.stdout
+    assert re.search(r"\n  epoch \d+/", completed.stdout), completed.stdout
     assert len(pd.read_csv(run_dir / rundir.HISTORY_FILE)) == EPOCHS
     for name in ("02_inspect_validation", "03_explain_loss"):
         assert (run_dir / "reports" / f"{name}.html").is_file(), name
