@@ -103,6 +103,8 @@ class StopOnInterrupt:
         self.path = Path(run_dir) / rundir.STOP_FILE
         self.echo = echo
         self.requested = False
+        # Set while notebook 01 runs, so epochs that finished before the Ctrl-C are printed before its message.
+        self.progress: ProgressWatcher | None = None
         self._previous = None
 
     def __enter__(self):
@@ -116,6 +118,8 @@ class StopOnInterrupt:
             raise KeyboardInterrupt
         self.requested = True
         self.path.write_text("stop requested by Ctrl-C\n", encoding="utf-8")
+        if self.progress is not None:
+            self.progress.report()
         self.echo("interrupt received: training stops after the current epoch and keeps every finished epoch; "
                   "press Ctrl-C again to abort at once")
 
@@ -143,6 +147,7 @@ def _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, na
         echo(f"running {name}.ipynb")
         started = time.time()
         watcher = ProgressWatcher(run_dir, echo) if name == "01_train" else None
+        interrupt.progress = watcher
         failure = None
         try:
             papermill.execute_notebook(
@@ -154,6 +159,7 @@ def _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, na
         except (DeadKernelError, CellTimeoutError) as error:
             failure = NotebookFailed(name, None, "", f"{type(error).__name__}: {error}")
         finally:
+            interrupt.progress = None
             if watcher is not None:
                 watcher.stop()
         if output.is_file():
@@ -284,15 +290,22 @@ class ProgressWatcher:
         self.echo = echo
         self.interval = interval
         self.seen = self._read(self.path).get("epoch", 0) if self.path.exists() else 0
+        # Reentrant, because the Ctrl-C handler can call report() while the main thread is inside it.
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):
-            self._report()
+            self.report()
 
-    def _report(self) -> None:
+    def report(self) -> None:
+        """Echo the epochs finished since the last call."""
+        with self._lock:
+            self._report_unlocked()
+
+    def _report_unlocked(self) -> None:
         progress = self._read(self.path)
         epoch = int(progress.get("epoch", 0) or 0)
         if epoch <= self.seen or not progress.get("metrics"):
@@ -319,7 +332,7 @@ class ProgressWatcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._report()
+        self.report()
 
 
 def render_html(notebook: Path, target: Path, *, failure: NotebookFailed | None = None, report_code: bool = True) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import time
 
 import nbformat
@@ -188,6 +189,21 @@ def test_progress_watcher_catches_up_on_fast_epochs(tmp_path):
         "  epoch 2/5  loss 0.8000  val_loss 1.1000",
         "  epoch 3/5  loss 0.7000  val_loss 1.2000",
     ]
+
+
+def test_interrupt_prints_finished_epochs_first(tmp_path):
+    lines = []
+    interrupt = runner.StopOnInterrupt(tmp_path, lines.append)
+    interrupt.progress = runner.ProgressWatcher(tmp_path, lines.append, interval=60)  # never polls in this test
+    rundir.write_json(tmp_path / rundir.PROGRESS_FILE, {"epoch": 1, "epochs": 5, "metrics": {"loss": 0.7}})
+
+    interrupt._handle(signal.SIGINT, None)
+    interrupt.progress.stop()
+
+    assert len(lines) == 2
+    assert lines[0] == "  epoch 1/5  loss 0.7000"
+    assert lines[1].startswith("interrupt received: training stops after the current epoch")
+    assert (tmp_path / rundir.STOP_FILE).is_file()
 
 
 def test_progress_watcher_skips_epochs_done_before_it_started(tmp_path):
