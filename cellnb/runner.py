@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -527,6 +528,22 @@ def top_contributors_html(run_dir: Path, count: int = 5) -> str:
     return (
         f"<h2>Top contributors to the validation loss change{caption}</h2><table><tr><th>sample</th>"
         f"<th>loss before</th><th>loss after</th><th>contribution</th><th>category</th></tr>{rows}</table>"
+        f"{_loss_cap_note(table)}"
+    )
+
+
+def _loss_cap_note(table: pd.DataFrame) -> str:
+    """Explain the largest possible loss when the table shows it, so that it does not read as a coincidence."""
+    from cellnb.explain import EPSILON
+
+    cap = -math.log(EPSILON)
+    losses = pd.concat([table["loss_from"], table["loss_to"]])
+    if not (losses >= cap - 1e-3).any():
+        return ""
+    return (
+        f"<p>A loss of {cap:.3f} is the largest one possible: like Keras, cellnb clips the probability of the true "
+        f"class to at least {EPSILON:g}, so a sample given probability 0 for its true class has loss "
+        f"-ln({EPSILON:g}) = {cap:.3f}, however confidently it is wrong.</p>"
     )
 
 

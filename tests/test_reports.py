@@ -8,6 +8,7 @@ import signal
 import time
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
@@ -101,6 +102,20 @@ def test_write_index_key_numbers_and_links(tmp_path):
     assert "(epoch 2 to 4)" in index
     assert index.index("valid/a.png") < index.index("valid/c.png") < index.index("valid/b.png")
     assert index.count('src="data:image/png;base64,') == 1
+    assert "largest one possible" not in index  # no shown loss reaches the cap
+
+
+def test_write_index_explains_loss_cap(tmp_path):
+    write_run_files(tmp_path)
+    contributions = pd.read_csv(tmp_path / "loss_contributions.csv")
+    contributions.loc[0, "loss_to"] = -np.log(1e-7)
+    rundir.write_csv(tmp_path / "loss_contributions.csv", contributions)
+
+    index = runner.write_index(tmp_path, []).read_text()
+
+    assert "<td>16.118</td>" in index
+    assert "A loss of 16.118 is the largest one possible" in index
+    assert "-ln(1e-07) = 16.118" in index
 
 
 def test_write_index_marks_failed_and_missing(tmp_path):
