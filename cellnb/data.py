@@ -334,7 +334,23 @@ def read_manifest(root: Path, *, required: Sequence[str] = ("path",)) -> pd.Data
         if column in manifest.columns and "group" not in manifest.columns:
             manifest = manifest.rename(columns={column: "group"})
     manifest["path"] = manifest["path"].map(lambda value: PurePosixPath(value.replace("\\", "/")).as_posix())
+    _check_unique_paths(manifest, manifest_path)
     return manifest
+
+
+def _check_unique_paths(manifest: pd.DataFrame, manifest_path: Path) -> None:
+    """Raise DataError if two rows name the same file, which would make one image two samples."""
+    repeated = manifest["path"][manifest["path"].duplicated(keep=False)]
+    if repeated.empty:
+        return
+    rows: dict[str, list[int]] = {}
+    for position, path in repeated.items():
+        rows.setdefault(path, []).append(position + 1)
+    examples = "; ".join(f"{path!r} in rows {', '.join(map(str, numbers))}" for path, numbers in list(rows.items())[:5])
+    raise DataError(
+        f"{manifest_path} lists {len(rows)} path(s) more than once ({examples}; rows counted from 1 below the "
+        f"header); keep one row per image, because a repeated row would make one image two samples"
+    )
 
 
 def _check_manifest_path(value: str, manifest_path: Path) -> None:

@@ -154,6 +154,20 @@ def test_manifest_rows_without_file_raise_when_not_skipped(tmp_path):
         data.discover_samples(root, skip_unreadable=False)
 
 
+def test_manifest_repeated_path_raises(tmp_path):
+    # Rows 1 and 4 are negative/0.png and negative/3.png; the extra rows repeat them as rows 13 and 14,
+    # the second written with a backslash, which names the same file.
+    root = _manifest_tree(tmp_path / "m", [
+        {"path": "negative/0.png", "label": "negative", "split": "valid"},
+        {"path": "negative\\3.png", "label": "negative", "split": "valid"},
+    ])
+
+    with pytest.raises(DataError, match=r"manifest.csv lists 2 path\(s\) more than once \('negative/0.png' in rows 1, 13; "
+                                        r"'negative/3.png' in rows 4, 14; rows counted from 1 below the header\); "
+                                        r"keep one row per image"):
+        data.discover_samples(root)
+
+
 def test_manifest_naming_no_existing_file_raises(tmp_path):
     root = tmp_path / "m"
     rows = []
