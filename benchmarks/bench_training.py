@@ -64,6 +64,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     for name in ("train_per_class", "valid_per_class", "epochs", "fine_tune_epochs", "batch_size", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if not args.case and not (args.data / "manifest.csv").is_file():
+        parser.error(f"--data {str(args.data)!r} has no manifest.csv; pass the PatchCamelyon folder that contains "
+                     f"negative/, positive/ and manifest.csv")
     if args.memory_images <= SMALL_MEMORY_IMAGES:
         parser.error(f"--memory-images must be above the {SMALL_MEMORY_IMAGES} images of the small memory run, so the two "
                      f"runs can be compared; got {args.memory_images}")
@@ -75,8 +78,6 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 def vgg16_classifier(*, trainable_layers: int):
     """Build the VGG16 + pooling + dropout + 2-unit softmax model of the Keras cases, as cellnb builds it."""
-    import keras
-
     from cellnb.model import build_model
 
     return build_model(backbone="vgg16", weights=None, head="softmax2", image_size=IMAGE_SIZE,
@@ -85,7 +86,6 @@ def vgg16_classifier(*, trainable_layers: int):
 
 def case_keras(workdir: Path, args, *, record: bool, trainable_layers: int, epochs: int) -> dict:
     import keras
-    import numpy as np
     import tensorflow as tf
 
     keras.utils.set_random_seed(0)
@@ -137,7 +137,6 @@ def case_cellnb(workdir: Path, args, *, name: str, trainable_layers: int, epochs
 
 
 def case_floor(workdir: Path, args) -> dict:
-    import tensorflow as tf
 
     from cellnb import data, features
     from cellnb.model import get_preprocessing
@@ -245,6 +244,10 @@ def write_random_pngs(target: Path, count: int, *, size: int = 64, seed: int = 0
         Image.fromarray(pixels, mode="RGB").save(folder / f"img_{index:06d}.png")
 
 
+class CaseFailed(Exception):
+    """A case's child process exited with an error."""
+
+
 def run_child(case: str, workdir: Path, args, *, repetition: int = 0) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--workdir", str(workdir),
                "--epochs", str(args.epochs), "--fine-tune-epochs", str(args.fine_tune_epochs),
@@ -255,7 +258,7 @@ def run_child(case: str, workdir: Path, args, *, repetition: int = 0) -> dict:
     completed = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO)
     process_seconds = time.perf_counter() - started
     if completed.returncode != 0:
-        raise SystemExit(f"case {case} failed with exit code {completed.returncode}:\n{completed.stderr[-4000:]}")
+        raise CaseFailed(f"case {case} failed with exit code {completed.returncode}:\n{completed.stderr[-4000:]}")
     line = next(line for line in reversed(completed.stdout.splitlines()) if line.startswith(RESULT_PREFIX))
     result = json.loads(line[len(RESULT_PREFIX):])
     result.update(process_seconds=process_seconds, load_before=load_before, load_after=os.getloadavg()[0])
@@ -300,7 +303,14 @@ def main(argv=None) -> None:
         results: dict[str, list[dict]] = {}
 
         def run(case, repetition=0):
-            results.setdefault(case, []).append(run_child(case, workdir, args, repetition=repetition))
+            try:
+                result = run_child(case, workdir, args, repetition=repetition)
+            except CaseFailed as failure:
+                # Keep the finished runs, because the whole benchmark takes most of an hour.
+                partial = args.output.with_suffix(".partial.json")
+                partial.write_text(json.dumps({"machine": machine, "results": results}, indent=2), encoding="utf-8")
+                raise SystemExit(f"{failure}\nthe runs that finished are in {partial}") from None
+            results.setdefault(case, []).append(result)
 
         for repetition in range(args.repeats):
             run("floor", repetition)
