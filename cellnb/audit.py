@@ -637,8 +637,13 @@ def _build_samples(files: pd.DataFrame, root: Path, layout: str, classes: list[s
     images["group"] = ""
     warnings = []
 
-    manifest = data.read_manifest(root) if (root / data.MANIFEST_NAME).is_file() else None
+    manifest = data.read_manifest(root, unique=False) if (root / data.MANIFEST_NAME).is_file() else None
     if manifest is not None:
+        repeated = data.repeated_paths_message(manifest, root / data.MANIFEST_NAME)
+        if repeated:
+            # The audit describes each image once, with its first row, and reports the repeats.
+            warnings.append(repeated)
+            manifest = manifest.drop_duplicates("path", keep="first")
         images, warnings = _apply_manifest(images, manifest, layout, classes)
         warnings += _manifest_paths_not_found(manifest, files)
     if layout != "split_folders" and images["split"].eq("").all():

@@ -303,11 +303,13 @@ def _relative_id(path: Path, root: Path) -> str:
     return "" if str(relative) == "." else PurePosixPath(*relative.parts).as_posix()
 
 
-def read_manifest(root: Path, *, required: Sequence[str] = ("path",)) -> pd.DataFrame:
+def read_manifest(root: Path, *, required: Sequence[str] = ("path",), unique: bool = True) -> pd.DataFrame:
     """Read ``manifest.csv`` and normalise its split and group column names to ``split`` and ``group``.
 
     Raises DataError when a ``required`` column is missing, or when a path is absolute or leaves
-    the data root with ``..``. Such paths are rejected before any file is opened.
+    the data root with ``..``. Such paths are rejected before any file is opened. With
+    ``unique``, a path listed twice raises DataError too; without it, the rows are returned as
+    they are and ``repeated_paths_message`` describes them.
     """
     manifest_path = root / MANIFEST_NAME
     try:
@@ -334,20 +336,34 @@ def read_manifest(root: Path, *, required: Sequence[str] = ("path",)) -> pd.Data
         if column in manifest.columns and "group" not in manifest.columns:
             manifest = manifest.rename(columns={column: "group"})
     manifest["path"] = manifest["path"].map(lambda value: PurePosixPath(value.replace("\\", "/")).as_posix())
-    _check_unique_paths(manifest, manifest_path)
+    if unique:
+        message = repeated_paths_message(manifest, manifest_path)
+        if message:
+            raise DataError(message)
     return manifest
 
 
-def _check_unique_paths(manifest: pd.DataFrame, manifest_path: Path) -> None:
-    """Raise DataError if two rows name the same file, which would make one image two samples."""
+def _opens_as_image(path: Path) -> bool:
+    """Return whether Pillow recognises the file as an image, reading only its header."""
+    try:
+        with Image.open(path):
+            return True
+    except Image.DecompressionBombError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def repeated_paths_message(manifest: pd.DataFrame, manifest_path: Path) -> str | None:
+    """Describe the paths that two or more rows name, which would make one image two samples, or return None."""
     repeated = manifest["path"][manifest["path"].duplicated(keep=False)]
     if repeated.empty:
-        return
+        return None
     rows: dict[str, list[int]] = {}
     for position, path in repeated.items():
         rows.setdefault(path, []).append(position + 1)
     examples = "; ".join(f"{path!r} in rows {', '.join(map(str, numbers))}" for path, numbers in list(rows.items())[:5])
-    raise DataError(
+    return (
         f"{manifest_path} lists {len(rows)} path(s) more than once ({examples}; rows counted from 1 below the "
         f"header); keep one row per image, because a repeated row would make one image two samples"
     )
@@ -389,6 +405,11 @@ def _apply_manifest(root: Path, candidates: pd.DataFrame, classes: list[str]) ->
     merged = merged.drop(columns=["path_manifest"])
 
     unlisted = merged["split"].isna() if "split" in merged.columns else pd.Series(False, index=merged.index)
+    if unlisted.any():
+        # A file that is not an image (notes.txt) is skipped as unreadable later, as without a manifest.
+        not_images = unlisted & ~merged["sample_id"].map(lambda sample_id: _opens_as_image(root / sample_id))
+        merged.loc[not_images, "split"] = ""
+        unlisted &= ~not_images
     if "split" in merged.columns and unlisted.any():
         examples = ", ".join(merged.loc[unlisted, "sample_id"].head(3))
         also_not_found = (

@@ -414,6 +414,27 @@ def test_manifest_paths_not_found_warn(tmp_path):
     assert int(report.files["loader"].sum()) == 12
 
 
+def test_manifest_repeated_paths_warn(tmp_path):
+    root = tmp_path / "m"
+    rows = []
+    for label, name in enumerate(("negative", "positive")):
+        for index in range(6):
+            save(smooth_image(index + 10 * label), root / name / f"{index}.png")
+            rows.append({"path": f"{name}/{index}.png", "label": name, "split": "train" if index < 3 else "valid"})
+    rows.append({"path": "positive/0.png", "label": "positive", "split": "valid"})  # row 13 repeats row 7
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+
+    report = audit.audit_data(root)
+
+    repeated = [warning for warning in report.warnings if "more than once" in warning]
+    assert len(repeated) == 1
+    assert "lists 1 path(s) more than once ('positive/0.png' in rows 7, 13;" in repeated[0]
+    assert report.loader_error is not None
+    assert "more than once" in report.loader_error
+    assert len(report.samples) == 12
+    assert report.samples.set_index("sample_id").loc["positive/0.png", "split"] == "train"
+
+
 def test_group_pattern_errors(tree):
     with pytest.raises(ParameterError, match="has no capture group"):
         audit.audit_data(tree, group_pattern=r"P\d+")

@@ -154,6 +154,20 @@ def test_manifest_rows_without_file_raise_when_not_skipped(tmp_path):
         data.discover_samples(root, skip_unreadable=False)
 
 
+def test_manifest_layout_skips_unlisted_non_image(tmp_path):
+    root = _manifest_tree(tmp_path / "m")
+    (root / "positive" / "notes.txt").write_text("scanner settings\n")
+
+    discovery = data.discover_samples(root)
+
+    assert len(discovery.samples) == 12
+    assert list(discovery.skipped["sample_id"]) == ["positive/notes.txt"]
+    assert "not an image" in discovery.skipped["reason"].iloc[0]
+    write_image(root / "positive" / "unlisted.png")
+    with pytest.raises(DataError, match=r"1 image\(s\) are not listed in .*manifest.csv \(for example positive/unlisted.png\)"):
+        data.discover_samples(root)
+
+
 def test_manifest_repeated_path_raises(tmp_path):
     # Rows 1 and 4 are negative/0.png and negative/3.png; the extra rows repeat them as rows 13 and 14,
     # the second written with a backslash, which names the same file.
