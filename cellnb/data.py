@@ -254,8 +254,8 @@ def _list_class_files(folder: Path, classes: list[str], ignored: list[str], root
     missing = [name for name in classes if name not in folders]
     if missing:
         raise DataError(
-            f"{_relative_id(folder, root) or '.'}/ has no class folder {missing[0]!r}; found {sorted(folders) or 'none'}; "
-            f"create it or pass the actual folder names with `classes`"
+            f"{str(folder)!r} has no class folder {missing[0]!r}; found {sorted(folders) or 'none'}; create it or "
+            f"pass the actual folder names, negative first, with `classes` (-p classes neg,pos on the command line)"
         )
 
     unknown = sorted(set(folders) - set(classes))

@@ -43,10 +43,14 @@ class Parameter:
         text = self.kind.__name__
         if self.choices:
             text += f" among {list(self.choices)}"
-        if self.minimum is not None or self.maximum is not None:
-            low = "-inf" if self.minimum is None else self.minimum
-            high = "inf" if self.maximum is None else self.maximum
-            text += f" in [{low}, {high}]"
+        if self.minimum is not None and self.maximum is not None:
+            text += f" in [{self.minimum}, {self.maximum}]"
+        elif self.minimum is not None:
+            text += f" >= {self.minimum}"
+        elif self.maximum is not None:
+            text += f" <= {self.maximum}"
+        if self.kind is bool:
+            text += f" ({', '.join(sorted(TRUE_WORDS))} or {', '.join(sorted(FALSE_WORDS))} on the command line)"
         return text + (" or None" if self.optional else "")
 
 

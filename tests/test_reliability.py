@@ -111,7 +111,7 @@ MALFORMED = [
     ("missing_directory", _missing_directory, r"not_here' not found; pass the folder that contains your images"),
     ("empty_directory", _empty_directory, r"data directory '.*' is empty; put the images in class folders"),
     ("missing_split", _missing_split, r"has a train/ folder but no valid/ or val/ or validation/; add the valid split"),
-    ("missing_class", _missing_class, r"train/ has no class folder 'positive'; found \['negative'\]; create it"),
+    ("missing_class", _missing_class, r"train' has no class folder 'positive'; found \['negative'\]; create it"),
     ("empty_class", _empty_class, r"the valid split has 0 readable image\(s\) of class 'positive'; a binary split needs"),
     ("classes_differ", _classes_differ,
      r"different class folders: valid/ has \['negative', 'tumor'\] but train/ has \['negative', 'positive'\]"),
