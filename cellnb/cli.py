@@ -135,6 +135,8 @@ def command_run(args) -> int:
     values = collect_parameters(args.parameter, args.parameters_file)
     data_dir_text, data_dir_option = choose_path("--data-dir", args.data_dir, "data_dir", values, args)
     run_dir_text, run_dir_option = choose_path("--run-dir", args.run_dir, "run_dir", values, args)
+    if args.name is not None:
+        check_run_name(args.name)
     if args.name is not None and run_dir_text:
         raise ParameterError(
             f"--name {args.name!r} chooses the run directory outputs/{args.name}, but {run_dir_option} {run_dir_text!r} "
@@ -151,13 +153,18 @@ def command_run(args) -> int:
         check_data(data_dir, values)
     run_dir = Path(run_dir_text or Path("outputs") / (args.name or DEFAULT_RUN_NAME)).expanduser().resolve()
     check_run_dir(run_dir, overwrite=args.overwrite)
+    if args.overwrite and data_dir_text:
+        check_data_outside(Path(values["data_dir"]), run_dir)
     check_before_run(args.notebooks, args.kernel)
     prepare_run_dir(run_dir, overwrite=args.overwrite)
     values["run_dir"] = str(run_dir)
 
     print(f"cellnb run -> {run_dir}")
-    run_notebooks(run_dir, values, notebooks_dir=args.notebooks, kernel_name=args.kernel,
-                  echo=lambda line: print(line, flush=True), report_code=not args.no_code)
+    try:
+        run_notebooks(run_dir, values, notebooks_dir=args.notebooks, kernel_name=args.kernel,
+                      echo=lambda line: print(line, flush=True), report_code=not args.no_code)
+    except KeyboardInterrupt:
+        return interrupted(run_dir)
     print(f"reports: {run_dir / 'reports' / 'index.html'}")
     return 0
 
@@ -203,13 +210,11 @@ def check_training_values(values: dict) -> None:
             f"parameter 'epochs' received {values.get('epochs')!r}; cellnb run explains the change of the validation "
             f"loss between two epochs, so it needs at least 2 (run notebooks/01_train.ipynb alone for a 1-epoch run)"
         )
-    for name in ("epoch_from", "epoch_to"):
-        chosen = values.get(name, known[name].default)
-        if chosen > epochs:
-            raise ParameterError(
-                f"parameter {name!r} received {chosen}, but the run trains {epochs} epochs; choose an epoch from "
-                f"1 to {epochs}, or 0 for the default"
-            )
+    check_comparison_epochs(values, epochs)
+    from cellnb.train import check_fine_tuning
+
+    check_fine_tuning({name: values.get(name, known[name].default)
+                       for name in ("backbone", "fine_tune_epochs", "fine_tune_layers")})
     weights = values.get("weights")
     if weights not in (None, "imagenet") and not Path(weights).expanduser().is_file():
         raise ParameterError(
@@ -233,8 +238,16 @@ def check_data(data_dir: Path, values: dict) -> None:
 
 def command_resume(args) -> int:
     """Continue training in this process, then run notebooks 02 and 03 on the completed run directory."""
-    from cellnb.resume import find_resume_point, resume_training
-    from cellnb.runner import NOTEBOOKS, check_before_run, resumed_training_result, run_notebooks
+    from cellnb.resume import find_resume_point, read_config, resume_training
+    from cellnb.runner import (
+        NOTEBOOKS,
+        StopOnInterrupt,
+        check_before_run,
+        resumed_training_result,
+        run_notebooks,
+        stopped_training_state,
+        write_index,
+    )
 
     values = collect_parameters(args.parameter, args.parameters_file)
     if "run_dir" in values and not _same_path(args.resume, values["run_dir"]):
@@ -253,25 +266,72 @@ def command_resume(args) -> int:
             rejected.append("--name")
         rejected += training
         raise ParameterError(
-            f"--resume continues with the training parameters in the run's config.json, so {rejected} cannot be "
-            f"changed; leave them out, or start a new run with --overwrite"
+            f"--resume continues with the training parameters in the run's config.json, so {', '.join(rejected)} "
+            f"cannot be changed; leave them out to continue this run, or start a new run in another --run-dir"
         )
     run_dir = Path(args.resume).expanduser().resolve()
     if not run_dir.is_dir():
         raise RunDirectoryError(f"--resume {args.resume!r} not found; pass the run directory of the interrupted run")
+    check_comparison_epochs(values, parameters.planned_epochs(read_config(run_dir)))
     check_before_run(args.notebooks, args.kernel, names=NOTEBOOKS[1:])
 
     print(f"cellnb run --resume {run_dir}")
     resumed_after = find_resume_point(run_dir).epoch
     started = time.time()
-    # Indented like the epoch lines of notebook 01 in a normal run.
-    resume_training(run_dir, echo=lambda line: print("  " + line, flush=True))
+    with StopOnInterrupt(run_dir, lambda line: print(line, flush=True)) as interrupt:
+        interrupt.training = True
+        # Indented like the epoch lines of notebook 01 in a normal run.
+        resume_training(run_dir, echo=lambda line: print("  " + line, flush=True))
     training_result = resumed_training_result(run_dir, resumed_after=resumed_after, seconds=time.time() - started)
-    run_notebooks(run_dir, values, notebooks_dir=args.notebooks, kernel_name=args.kernel,
-                  echo=lambda line: print(line, flush=True), report_code=not args.no_code, names=NOTEBOOKS[1:],
-                  earlier=[training_result])
+    if interrupt.requested:
+        training_result.state = stopped_training_state(run_dir, read_config(run_dir)) or training_result.state
+        write_index(run_dir, [training_result], skipped_by_interrupt=True)
+        return interrupted(run_dir)
+    try:
+        run_notebooks(run_dir, values, notebooks_dir=args.notebooks, kernel_name=args.kernel,
+                      echo=lambda line: print(line, flush=True), report_code=not args.no_code, names=NOTEBOOKS[1:],
+                      earlier=[training_result])
+    except KeyboardInterrupt:
+        return interrupted(run_dir)
     print(f"reports: {run_dir / 'reports' / 'index.html'}")
     return 0
+
+
+def interrupted(run_dir: Path) -> int:
+    """Say how to continue a run that Ctrl-C stopped, and return the exit status 130 (128 + SIGINT)."""
+    print(f"interrupted; the finished epochs are kept in the run directory, continue with "
+          f"`cellnb run --resume {run_dir}`", file=sys.stderr)
+    return 130
+
+
+def check_comparison_epochs(values: dict, epochs: int) -> None:
+    """Reject an ``epoch_from`` or ``epoch_to`` beyond the ``epochs`` that the run trains."""
+    known = parameters.all_parameters()
+    for name in ("epoch_from", "epoch_to"):
+        chosen = values.get(name, known[name].default)
+        if chosen > epochs:
+            raise ParameterError(
+                f"parameter {name!r} received {chosen}, but the run trains {epochs} epochs; choose an epoch from "
+                f"1 to {epochs}, or 0 for the default"
+            )
+
+
+def check_run_name(name: str) -> None:
+    """Reject a --name that is not one plain folder name, because the run directory outputs/NAME may be emptied."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise ParameterError(
+            f"--name {name!r} is not a plain folder name; use letters, digits, '-' or '_' such as --name trial_2, "
+            f"or pass a path with --run-dir"
+        )
+
+
+def check_data_outside(data_dir: Path, run_dir: Path) -> None:
+    """Reject --overwrite when the data folder is inside the run directory that it would empty."""
+    if data_dir.resolve() == run_dir or run_dir in data_dir.resolve().parents:
+        raise RunDirectoryError(
+            f"--overwrite would empty the run directory {str(run_dir)!r}, which contains the data folder "
+            f"{str(data_dir)!r}; move the data out of it or choose another --run-dir"
+        )
 
 
 def check_run_dir(run_dir: Path, *, overwrite: bool) -> bool:

@@ -189,6 +189,7 @@ class ProgressFile(_Callback):
         self.initial_epoch = initial_epoch
         self.echo = echo
         self.started = time.time()
+        self.stop_requested = False
 
     def on_train_begin(self, logs=None):
         self._write(self.initial_epoch, {}, "training")
@@ -204,11 +205,13 @@ class ProgressFile(_Callback):
             # `cellnb run` writes this file on Ctrl-C, because the kernel runs in its own process
             # group and never receives the terminal's interrupt.
             logger.warning("stop requested: training stops after epoch %d", epoch + 1)
+            self.stop_requested = True
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
         current = json_or_empty(self.path)
-        self._write(current.get("epoch", self.initial_epoch), current.get("metrics", {}), "finished")
+        state = "stopped" if self.stop_requested else "finished"
+        self._write(current.get("epoch", self.initial_epoch), current.get("metrics", {}), state)
 
     def _write(self, epoch: int, logs: dict, state: str) -> None:
         rundir.write_json(

@@ -239,7 +239,7 @@ def resume_training(run_dir: str | os.PathLike, *, echo: Callable[[str], None] |
     from cellnb import data, params, train
 
     run_dir = Path(run_dir).expanduser().resolve()
-    config = _read_config(run_dir)
+    config = read_config(run_dir)
     values = {**config, "run_dir": str(run_dir)}
     if config.get("synthetic_data"):
         values["data_dir"] = ""
@@ -283,7 +283,8 @@ def resume_training(run_dir: str | os.PathLike, *, echo: Callable[[str], None] |
                            callbacks=[EpochCheckpoint(run_dir)])
 
 
-def _read_config(run_dir: Path) -> dict:
+def read_config(run_dir: Path) -> dict:
+    """Return a run directory's config.json, or raise RunDirectoryError saying why it cannot be resumed."""
     path = run_dir / rundir.CONFIG_FILE
     if not path.is_file():
         raise RunDirectoryError(

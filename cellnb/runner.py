@@ -106,6 +106,8 @@ class StopOnInterrupt:
         self.requested = False
         # Set while notebook 01 runs, so epochs that finished before the Ctrl-C are printed before its message.
         self.progress: ProgressWatcher | None = None
+        # Whether training runs now, in a kernel or in this process; it chooses the message of a Ctrl-C.
+        self.training = False
         self._previous = None
 
     def __enter__(self):
@@ -121,8 +123,12 @@ class StopOnInterrupt:
         self.path.write_text("stop requested by Ctrl-C\n", encoding="utf-8")
         if self.progress is not None:
             self.progress.report()
-        self.echo("interrupt received: training stops after the current epoch and keeps every finished epoch; "
-                  "press Ctrl-C again to abort at once")
+        if self.training:
+            self.echo("interrupt received: training stops after the current epoch and keeps every finished epoch; "
+                      "press Ctrl-C again to abort at once")
+        else:
+            self.echo("interrupt received: the current notebook finishes and no later one starts; "
+                      "press Ctrl-C again to abort at once")
 
     def __exit__(self, *exc_info):
         if self._previous is not None:
@@ -149,6 +155,7 @@ def _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, na
         started = time.time()
         watcher = ProgressWatcher(run_dir, echo) if name == "01_train" else None
         interrupt.progress = watcher
+        interrupt.training = name == "01_train"
         failure = None
         try:
             papermill.execute_notebook(
@@ -161,6 +168,7 @@ def _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, na
             failure = NotebookFailed(name, None, "", f"{type(error).__name__}: {error}")
         finally:
             interrupt.progress = None
+            interrupt.training = False
             if watcher is not None:
                 watcher.stop()
         if output.is_file():
@@ -175,12 +183,18 @@ def _run_each(run_dir, values, notebooks_dir, kernel_name, echo, report_code, na
         if name == "01_train" and interrupt.requested and failure is None:
             result.state = stopped_training_state(run_dir, values)
         results.append(result)
-        echo(f"{'FAILED' if failure else 'finished'} {name}.ipynb in {result.seconds:.0f} s -> {report}")
+        if failure is not None:
+            outcome = "FAILED"
+        elif result.state is not None:
+            outcome = "stopped"
+        else:
+            outcome = "finished"
+        echo(f"{outcome} {name}.ipynb in {result.seconds:.0f} s -> {report}")
         if failure is not None:
             write_index(run_dir, results)
             raise failure
         if interrupt.requested:
-            write_index(run_dir, results)
+            write_index(run_dir, results, skipped_by_interrupt=True)
             raise KeyboardInterrupt
     write_index(run_dir, results)
     return results
@@ -383,13 +397,19 @@ def replace_widget_views(node) -> int:
     return replaced
 
 
-def write_index(run_dir: Path, results: list[NotebookResult]) -> Path:
-    """Write ``reports/index.html``: the run's key numbers and links to the three reports."""
+def write_index(run_dir: Path, results: list[NotebookResult], *, skipped_by_interrupt: bool = False) -> Path:
+    """Write ``reports/index.html``: the run's key numbers and links to the three reports.
+
+    With ``skipped_by_interrupt``, the notebooks missing from ``results`` were skipped after a
+    Ctrl-C, and their state tells how to run them.
+    """
     rows = []
     for name in NOTEBOOKS:
         result = next((item for item in results if item.name == name), None)
         if result is None:
             state = "not run"
+            if skipped_by_interrupt:
+                state = f"not run: skipped after Ctrl-C; run it with cellnb run --resume {Path(run_dir)}"
             link = html.escape(TITLES[name])
         else:
             state = "FAILED" if result.failed else result.state or f"finished in {result.seconds:.0f} s"

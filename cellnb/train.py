@@ -219,7 +219,7 @@ def train(
     params = setup.params
     head_epochs = params["epochs"]
     fine_tune_epochs = params.get("fine_tune_epochs", 0)
-    _check_fine_tuning(params)
+    check_fine_tuning(params)
 
     if initial_epoch < head_epochs:
         previous = _train_first_phase(setup, model, echo=echo, verbose=verbose, initial_epoch=initial_epoch,
@@ -238,7 +238,8 @@ def train(
     return previous[1] if previous is not None else pd.DataFrame()
 
 
-def _check_fine_tuning(params: dict) -> None:
+def check_fine_tuning(params: dict) -> None:
+    """Raise ModelError if the fine-tuning parameters cannot apply to the chosen backbone."""
     if params.get("fine_tune_epochs", 0) == 0:
         return
     if params["backbone"] == "small_cnn":

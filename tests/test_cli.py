@@ -62,7 +62,7 @@ def test_parameters_file_unknown_name_suggests(tmp_path):
         (["--name", "trial", "-p", "run_dir", "{a}"],
          "--name 'trial' chooses the run directory outputs/trial, but -p run_dir '{a}' chooses another"),
         (["--resume", "{a}", "--name", "trial"],
-         "--resume continues with the training parameters in the run's config.json, so ['--name'] cannot be changed"),
+         "--resume continues with the training parameters in the run's config.json, so --name cannot be changed"),
     ],
     ids=["data_dir_from_p", "data_dir_from_file", "run_dir_from_p", "resume_and_run_dir", "name_and_run_dir",
          "name_and_run_dir_parameter", "resume_and_name"],
@@ -291,6 +291,57 @@ def test_run_rejects_comparison_epoch_beyond_training(tmp_path, capsys, name):
     assert not (tmp_path / "run").exists()
 
 
+def test_run_rejects_fine_tuning_of_small_cnn(tmp_path, capsys):
+    status = cli.main(["run", "--run-dir", str(tmp_path / "run"), "-p", "backbone", "small_cnn",
+                       "-p", "fine_tune_epochs", "2"])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith("error: fine_tune_epochs applies to a pretrained backbone, but small_cnn")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../elsewhere", "a/b", "/tmp/x"])
+def test_run_rejects_name_that_is_not_a_folder_name(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+
+    status = cli.main(["run", "--name", name])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith(f"error: --name {name!r} is not a plain folder name")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_overwrite_keeps_data_folder_inside_run_dir(split_tree, tmp_path, capsys):
+    run_dir = tmp_path / "project"
+    data_dir = run_dir / "mydata"
+    run_dir.mkdir()
+    split_tree.rename(data_dir)
+    (run_dir / "config.json").write_text("{}")
+
+    status = cli.main(["run", "--run-dir", str(run_dir), "--data-dir", str(data_dir), "--overwrite",
+                       "-p", "epochs", "2", "-p", "image_size", "16"])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "--overwrite would empty the run directory" in error
+    assert "which contains the data folder" in error
+    assert (data_dir / "train").is_dir()
+    assert (run_dir / "config.json").is_file()
+
+
+def test_resume_rejects_comparison_epoch_beyond_training(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": 4, "fine_tune_epochs": 1}))
+
+    status = cli.main(["run", "--resume", str(tmp_path), "-p", "epoch_from", "500"])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith("error: parameter 'epoch_from' received 500, but the run trains 5 epochs")
+    assert not (tmp_path / "notebooks").exists()
+
+
 def test_notebook_training_rejects_a_finished_run_directory(split_tree, tmp_path):
     from cellnb import params, train
 
@@ -326,7 +377,8 @@ def test_ctrl_c_stops_training_and_keeps_finished_epochs(tiny_synthetic, tmp_pat
 
     assert process.returncode == 130, stdout + stderr
     assert "training stops after the current epoch" in stdout
-    assert "cellnb run --resume RUN_DIR" in stderr
+    assert f"continue with `cellnb run --resume {run_dir}`" in stderr
+    assert "stopped 01_train.ipynb in" in stdout
     history = pd.read_csv(run_dir / "history.csv")
     assert 2 <= len(history) < 200
     assert (run_dir / "model.keras").is_file()
@@ -335,3 +387,29 @@ def test_ctrl_c_stops_training_and_keeps_finished_epochs(tiny_synthetic, tmp_pat
     assert "Traceback" not in stderr
     index = (run_dir / "reports" / "index.html").read_text()
     assert f"stopped by Ctrl-C after epoch {len(history)} of 200; continue with cellnb run --resume {run_dir}" in index
+    assert json.loads((run_dir / "progress.json").read_text())["state"] == "stopped"
+    assert f"not run: skipped after Ctrl-C; run it with cellnb run --resume {run_dir}" in index
+
+    # A Ctrl-C during --resume stops after an epoch in the same way.
+    stopped_after = len(history)
+    process = subprocess.Popen([sys.executable, "-m", "cellnb.cli", "run", "--resume", str(run_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        progress = json.loads((run_dir / "progress.json").read_text())
+        if progress.get("epoch", 0) >= stopped_after + 2:
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+
+    assert process.returncode == 130, stdout + stderr
+    assert "training stops after the current epoch" in stdout
+    assert f"continue with `cellnb run --resume {run_dir}`" in stderr
+    history = pd.read_csv(run_dir / "history.csv")
+    assert stopped_after + 2 <= len(history) < 200
+    assert list(history["epoch"]) == list(range(1, len(history) + 1))
+    assert json.loads((run_dir / "progress.json").read_text())["state"] == "stopped"
+    index = (run_dir / "reports" / "index.html").read_text()
+    assert f"stopped by Ctrl-C after epoch {len(history)} of 200; continue with cellnb run --resume {run_dir}" in index
+    assert "Traceback" not in stderr

@@ -6,6 +6,7 @@ import base64
 import json
 import signal
 import time
+import types
 
 import nbformat
 import numpy as np
@@ -189,6 +190,22 @@ def test_progress_watcher_echoes_each_epoch(tmp_path):
     assert written["epoch"] == 3
 
 
+def test_progress_file_says_stopped_after_stop_request(tmp_path):
+    progress = recorder.ProgressFile(tmp_path, epochs=10)
+    progress.set_model(types.SimpleNamespace(stop_training=False))
+    progress.on_train_begin()
+    progress.on_epoch_end(0, {"loss": 0.5})
+    (tmp_path / rundir.STOP_FILE).write_text("stop requested by Ctrl-C\n")
+
+    progress.on_epoch_end(1, {"loss": 0.4})
+    progress.on_train_end()
+
+    written = json.loads((tmp_path / rundir.PROGRESS_FILE).read_text())
+    assert progress.model.stop_training is True
+    assert written["state"] == "stopped"
+    assert written["epoch"] == 2
+
+
 def test_progress_watcher_catches_up_on_fast_epochs(tmp_path):
     history = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.9, 0.8, 0.7], "val_loss": [1.0, 1.1, 1.2]})
     rundir.write_csv(tmp_path / rundir.HISTORY_FILE, history)
@@ -210,6 +227,7 @@ def test_interrupt_prints_finished_epochs_first(tmp_path):
     lines = []
     interrupt = runner.StopOnInterrupt(tmp_path, lines.append)
     interrupt.progress = runner.ProgressWatcher(tmp_path, lines.append, interval=60)  # never polls in this test
+    interrupt.training = True
     rundir.write_json(tmp_path / rundir.PROGRESS_FILE, {"epoch": 1, "epochs": 5, "metrics": {"loss": 0.7}})
 
     interrupt._handle(signal.SIGINT, None)
@@ -219,6 +237,28 @@ def test_interrupt_prints_finished_epochs_first(tmp_path):
     assert lines[0] == "  epoch 1/5  loss 0.7000"
     assert lines[1].startswith("interrupt received: training stops after the current epoch")
     assert (tmp_path / rundir.STOP_FILE).is_file()
+
+
+def test_interrupt_outside_training_says_notebooks_stop(tmp_path):
+    lines = []
+    interrupt = runner.StopOnInterrupt(tmp_path, lines.append)
+
+    interrupt._handle(signal.SIGINT, None)
+
+    assert lines == ["interrupt received: the current notebook finishes and no later one starts; "
+                     "press Ctrl-C again to abort at once"]
+    assert interrupt.requested
+
+
+def test_write_index_names_notebooks_skipped_by_ctrl_c(tmp_path):
+    write_run_files(tmp_path)
+    results = [runner.NotebookResult("01_train", tmp_path / "a", tmp_path / "01_train.html", 5.0)]
+
+    index = runner.write_index(tmp_path, results, skipped_by_interrupt=True).read_text()
+
+    skipped = f"not run: skipped after Ctrl-C; run it with cellnb run --resume {tmp_path}"
+    assert index.count(skipped) == 2
+    assert "finished in 5 s" in index
 
 
 def test_progress_watcher_skips_epochs_done_before_it_started(tmp_path):
