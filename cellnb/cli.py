@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -150,11 +151,11 @@ def command_run(args) -> int:
         if not data_dir.is_dir():
             raise ParameterError(f"{data_dir_option} {data_dir_text!r} not found; pass the folder that contains your images")
         values["data_dir"] = str(data_dir.resolve())
-        check_data(data_dir, values)
+        image_paths = check_data(data_dir, values)
     run_dir = Path(run_dir_text or Path("outputs") / (args.name or DEFAULT_RUN_NAME)).expanduser().resolve()
     check_run_dir(run_dir, overwrite=args.overwrite)
     if args.overwrite and data_dir_text:
-        check_data_outside(Path(values["data_dir"]), run_dir)
+        check_data_outside(Path(values["data_dir"]), image_paths, run_dir)
     check_before_run(args.notebooks, args.kernel)
     prepare_run_dir(run_dir, overwrite=args.overwrite)
     values["run_dir"] = str(run_dir)
@@ -223,8 +224,8 @@ def check_training_values(values: dict) -> None:
         )
 
 
-def check_data(data_dir: Path, values: dict) -> None:
-    """Find the samples as notebook 01 will, so a bad data directory fails before any kernel starts.
+def check_data(data_dir: Path, values: dict) -> list[str]:
+    """Find the samples as notebook 01 will, so a bad data directory fails before any kernel starts; return their paths.
 
     NOTE: this reads and hashes every image once more than the run itself does; on a large data
     set that adds the time of one pass over the files.
@@ -233,7 +234,7 @@ def check_data(data_dir: Path, values: dict) -> None:
 
     known = parameters.all_parameters()
     options = {name: values.get(name, known[name].default) for name in ("classes", "split_fractions", "seed", "skip_unreadable")}
-    discover_samples(data_dir, **options)
+    return list(discover_samples(data_dir, **options).samples["path"].astype(str))
 
 
 def command_resume(args) -> int:
@@ -243,6 +244,7 @@ def command_resume(args) -> int:
         NOTEBOOKS,
         StopOnInterrupt,
         check_before_run,
+        mark_progress_stopped,
         resumed_training_result,
         run_notebooks,
         stopped_training_state,
@@ -278,12 +280,18 @@ def command_resume(args) -> int:
     print(f"cellnb run --resume {run_dir}")
     resumed_after = find_resume_point(run_dir).epoch
     started = time.time()
+    aborted = False
     with StopOnInterrupt(run_dir, lambda line: print(line, flush=True)) as interrupt:
         interrupt.training = True
-        # Indented like the epoch lines of notebook 01 in a normal run.
-        resume_training(run_dir, echo=lambda line: print("  " + line, flush=True))
+        try:
+            # Indented like the epoch lines of notebook 01 in a normal run.
+            resume_training(run_dir, echo=lambda line: print("  " + line, flush=True))
+        except KeyboardInterrupt:
+            # A second Ctrl-C aborts the epoch under way; the finished ones are kept on disk.
+            aborted = True
+            mark_progress_stopped(run_dir)
     training_result = resumed_training_result(run_dir, resumed_after=resumed_after, seconds=time.time() - started)
-    if interrupt.requested:
+    if interrupt.requested or aborted:
         training_result.state = stopped_training_state(run_dir, read_config(run_dir)) or training_result.state
         write_index(run_dir, [training_result], skipped_by_interrupt=True)
         return interrupted(run_dir)
@@ -299,39 +307,53 @@ def command_resume(args) -> int:
 
 def interrupted(run_dir: Path) -> int:
     """Say how to continue a run that Ctrl-C stopped, and return the exit status 130 (128 + SIGINT)."""
-    print(f"interrupted; the finished epochs are kept in the run directory, continue with "
+    print(f"interrupted; the finished epochs and reports are kept in {run_dir}, continue with "
           f"`cellnb run --resume {run_dir}`", file=sys.stderr)
     return 130
 
 
 def check_comparison_epochs(values: dict, epochs: int) -> None:
-    """Reject an ``epoch_from`` or ``epoch_to`` beyond the ``epochs`` that the run trains."""
+    """Reject an ``epoch_from`` or ``epoch_to`` beyond the ``epochs`` that the run trains, or not in that order."""
     known = parameters.all_parameters()
-    for name in ("epoch_from", "epoch_to"):
-        chosen = values.get(name, known[name].default)
-        if chosen > epochs:
+    chosen = {name: values.get(name, known[name].default) for name in ("epoch_from", "epoch_to")}
+    for name, epoch in chosen.items():
+        if epoch > epochs:
             raise ParameterError(
-                f"parameter {name!r} received {chosen}, but the run trains {epochs} epochs; choose an epoch from "
+                f"parameter {name!r} received {epoch}, but the run trains {epochs} epochs; choose an epoch from "
                 f"1 to {epochs}, or 0 for the default"
             )
+    # 0 means the default: the epoch of minimum validation loss for epoch_from, the last for epoch_to.
+    epoch_to = chosen["epoch_to"] or epochs
+    if chosen["epoch_from"] and chosen["epoch_from"] >= epoch_to:
+        which = f"{epoch_to}" if chosen["epoch_to"] else f"{epoch_to} (the last epoch)"
+        raise ParameterError(
+            f"parameter 'epoch_from' received {chosen['epoch_from']}, which is not earlier than epoch_to {which}; "
+            f"choose epoch_from below epoch_to"
+        )
 
 
 def check_run_name(name: str) -> None:
     """Reject a --name that is not one plain folder name, because the run directory outputs/NAME may be emptied."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
         raise ParameterError(
-            f"--name {name!r} is not a plain folder name; use letters, digits, '-' or '_' such as --name trial_2, "
+            f"--name {name!r} is not a plain folder name; use letters, digits, '.', '-' or '_', not starting with '.', "
+            f"such as --name trial_2, "
             f"or pass a path with --run-dir"
         )
 
 
-def check_data_outside(data_dir: Path, run_dir: Path) -> None:
-    """Reject --overwrite when the data folder is inside the run directory that it would empty."""
-    if data_dir.resolve() == run_dir or run_dir in data_dir.resolve().parents:
+def check_data_outside(data_dir: Path, image_paths: list[str], run_dir: Path) -> None:
+    """Reject --overwrite when the data folder or any image, through symbolic links too, is inside the run directory."""
+    inside = [path for path in [str(data_dir), *image_paths] if _is_within(Path(path).resolve(), run_dir)]
+    if inside:
         raise RunDirectoryError(
-            f"--overwrite would empty the run directory {str(run_dir)!r}, which contains the data folder "
-            f"{str(data_dir)!r}; move the data out of it or choose another --run-dir"
+            f"--overwrite would empty the run directory {str(run_dir)!r}, which contains the data of "
+            f"{str(data_dir)!r} (for example {inside[0]!r}); move the data out of it or choose another --run-dir"
         )
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def check_run_dir(run_dir: Path, *, overwrite: bool) -> bool:

@@ -210,8 +210,10 @@ class ProgressFile(_Callback):
 
     def on_train_end(self, logs=None):
         current = json_or_empty(self.path)
-        state = "stopped" if self.stop_requested else "finished"
-        self._write(current.get("epoch", self.initial_epoch), current.get("metrics", {}), state)
+        epoch = current.get("epoch", self.initial_epoch)
+        # A stop requested during the last epoch still leaves a finished run.
+        state = "stopped" if self.stop_requested and epoch < self.total else "finished"
+        self._write(epoch, current.get("metrics", {}), state)
 
     def _write(self, epoch: int, logs: dict, state: str) -> None:
         rundir.write_json(

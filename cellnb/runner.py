@@ -401,7 +401,7 @@ def write_index(run_dir: Path, results: list[NotebookResult], *, skipped_by_inte
     """Write ``reports/index.html``: the run's key numbers and links to the three reports.
 
     With ``skipped_by_interrupt``, the notebooks missing from ``results`` were skipped after a
-    Ctrl-C, and their state tells how to run them.
+    Ctrl-C, and their state explains how to run them.
     """
     rows = []
     for name in NOTEBOOKS:
@@ -469,6 +469,16 @@ def stopped_training_state(run_dir: Path, values: dict) -> str | None:
         return None
     return (f"stopped by Ctrl-C after epoch {trained} of {planned}; "
             f"continue with cellnb run --resume {Path(run_dir)}")
+
+
+def mark_progress_stopped(run_dir: Path) -> None:
+    """Set ``progress.json``'s state to ``stopped`` after training was aborted without its callbacks' last write."""
+    from cellnb.recorder import json_or_empty
+
+    path = Path(run_dir) / rundir.PROGRESS_FILE
+    progress = json_or_empty(path)
+    if progress:
+        rundir.write_json(path, {**progress, "state": "stopped"})
 
 
 def key_numbers(run_dir: Path) -> dict:

@@ -301,7 +301,7 @@ def test_run_rejects_fine_tuning_of_small_cnn(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "../elsewhere", "a/b", "/tmp/x"])
+@pytest.mark.parametrize("name", ["", ".", "..", "../elsewhere", "a/b", "/tmp/x", "a\\b", " ", "~", ".hidden", "two\nlines"])
 def test_run_rejects_name_that_is_not_a_folder_name(tmp_path, capsys, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
 
@@ -325,10 +325,46 @@ def test_overwrite_keeps_data_folder_inside_run_dir(split_tree, tmp_path, capsys
 
     error = capsys.readouterr().err
     assert status == 2
-    assert "--overwrite would empty the run directory" in error
-    assert "which contains the data folder" in error
+    assert f"--overwrite would empty the run directory {str(run_dir)!r}, which contains the data of" in error
     assert (data_dir / "train").is_dir()
     assert (run_dir / "config.json").is_file()
+
+
+def test_overwrite_keeps_images_linked_from_run_dir(split_tree, tmp_path, capsys):
+    # The data root lies outside the run directory, but its split folders are links into it.
+    run_dir = tmp_path / "project"
+    run_dir.mkdir()
+    split_tree.rename(run_dir / "images")
+    (run_dir / "config.json").write_text("{}")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for split in ("train", "valid", "test"):
+        (linked / split).symlink_to(run_dir / "images" / split)
+
+    status = cli.main(["run", "--run-dir", str(run_dir), "--data-dir", str(linked), "--overwrite",
+                       "-p", "epochs", "2", "-p", "image_size", "16"])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "--overwrite would empty the run directory" in error
+    assert len(list((run_dir / "images" / "train").rglob("*.png"))) == 12
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["-p", "epoch_from", "3", "-p", "epoch_to", "2"], "received 3, which is not earlier than epoch_to 2; choose"),
+        (["-p", "epoch_from", "4"], "received 4, which is not earlier than epoch_to 4 (the last epoch); choose"),
+    ],
+)
+def test_run_rejects_comparison_epochs_out_of_order(tmp_path, capsys, arguments, message):
+    status = cli.main(["run", "--run-dir", str(tmp_path / "run"), "-p", "epochs", "4", "-p", "fine_tune_epochs", "0",
+                       *arguments])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith(f"error: parameter 'epoch_from' {message}")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_rejects_comparison_epoch_beyond_training(tmp_path, capsys):

@@ -190,8 +190,10 @@ def test_progress_watcher_echoes_each_epoch(tmp_path):
     assert written["epoch"] == 3
 
 
-def test_progress_file_says_stopped_after_stop_request(tmp_path):
-    progress = recorder.ProgressFile(tmp_path, epochs=10)
+@pytest.mark.parametrize(("planned", "state"), [(10, "stopped"), (2, "finished")])
+def test_progress_state_after_stop_request(tmp_path, planned, state):
+    # The stop arrives during epoch 2; with 2 epochs planned, the run is complete all the same.
+    progress = recorder.ProgressFile(tmp_path, epochs=planned)
     progress.set_model(types.SimpleNamespace(stop_training=False))
     progress.on_train_begin()
     progress.on_epoch_end(0, {"loss": 0.5})
@@ -202,8 +204,17 @@ def test_progress_file_says_stopped_after_stop_request(tmp_path):
 
     written = json.loads((tmp_path / rundir.PROGRESS_FILE).read_text())
     assert progress.model.stop_training is True
-    assert written["state"] == "stopped"
+    assert written["state"] == state
     assert written["epoch"] == 2
+
+
+def test_mark_progress_stopped_keeps_epoch_and_metrics(tmp_path):
+    rundir.write_json(tmp_path / rundir.PROGRESS_FILE, {"state": "training", "epoch": 7, "epochs": 40, "metrics": {"loss": 0.3}})
+
+    runner.mark_progress_stopped(tmp_path)
+
+    written = json.loads((tmp_path / rundir.PROGRESS_FILE).read_text())
+    assert written == {"state": "stopped", "epoch": 7, "epochs": 40, "metrics": {"loss": 0.3}}
 
 
 def test_progress_watcher_catches_up_on_fast_epochs(tmp_path):
