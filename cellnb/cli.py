@@ -274,7 +274,8 @@ def command_resume(args) -> int:
     run_dir = Path(args.resume).expanduser().resolve()
     if not run_dir.is_dir():
         raise RunDirectoryError(f"--resume {args.resume!r} not found; pass the run directory of the interrupted run")
-    check_comparison_epochs(values, parameters.planned_epochs(read_config(run_dir)))
+    config = read_config(run_dir)
+    check_comparison_epochs(values, parameters.planned_epochs(config))
     check_before_run(args.notebooks, args.kernel, names=NOTEBOOKS[1:])
 
     print(f"cellnb run --resume {run_dir}")
@@ -292,7 +293,7 @@ def command_resume(args) -> int:
             mark_progress_stopped(run_dir)
     training_result = resumed_training_result(run_dir, resumed_after=resumed_after, seconds=time.time() - started)
     if interrupt.requested or aborted:
-        training_result.state = stopped_training_state(run_dir, read_config(run_dir)) or training_result.state
+        training_result.state = stopped_training_state(run_dir, config) or training_result.state
         write_index(run_dir, [training_result], skipped_by_interrupt=True)
         return interrupted(run_dir)
     try:
@@ -325,9 +326,9 @@ def check_comparison_epochs(values: dict, epochs: int) -> None:
     # 0 means the default: the epoch of minimum validation loss for epoch_from, the last for epoch_to.
     epoch_to = chosen["epoch_to"] or epochs
     if chosen["epoch_from"] and chosen["epoch_from"] >= epoch_to:
-        which = f"{epoch_to}" if chosen["epoch_to"] else f"{epoch_to} (the last epoch)"
+        epoch_to_text = f"{epoch_to}" if chosen["epoch_to"] else f"{epoch_to} (the last epoch)"
         raise ParameterError(
-            f"parameter 'epoch_from' received {chosen['epoch_from']}, which is not earlier than epoch_to {which}; "
+            f"parameter 'epoch_from' received {chosen['epoch_from']}, which is not earlier than epoch_to {epoch_to_text}; "
             f"choose epoch_from below epoch_to"
         )
 
@@ -337,8 +338,7 @@ def check_run_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
         raise ParameterError(
             f"--name {name!r} is not a plain folder name; use letters, digits, '.', '-' or '_', not starting with '.', "
-            f"such as --name trial_2, "
-            f"or pass a path with --run-dir"
+            f"such as --name trial_2, or pass a path with --run-dir"
         )
 
 

@@ -343,17 +343,6 @@ def read_manifest(root: Path, *, required: Sequence[str] = ("path",), unique: bo
     return manifest
 
 
-def _opens_as_image(path: Path) -> bool:
-    """Return whether Pillow recognises the file as an image, reading only its header."""
-    try:
-        with Image.open(path):
-            return True
-    except Image.DecompressionBombError:
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def repeated_paths_message(manifest: pd.DataFrame, manifest_path: Path) -> str | None:
     """Describe the paths that two or more rows name, which would make one image two samples, or return None."""
     repeated = manifest["path"][manifest["path"].duplicated(keep=False)]
@@ -407,7 +396,7 @@ def _apply_manifest(root: Path, candidates: pd.DataFrame, classes: list[str]) ->
     unlisted = merged["split"].isna() if "split" in merged.columns else pd.Series(False, index=merged.index)
     if unlisted.any():
         # A file that is not an image (notes.txt) is skipped as unreadable later, as without a manifest.
-        not_images = unlisted & ~merged["sample_id"].map(lambda sample_id: _opens_as_image(root / sample_id))
+        not_images = unlisted & ~merged["sample_id"].map(lambda sample_id: _is_identified_image(root / sample_id))
         merged.loc[not_images, "split"] = ""
         unlisted &= ~not_images
     if "split" in merged.columns and unlisted.any():
@@ -529,6 +518,21 @@ def inspect_image(path: str | os.PathLike) -> dict:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         info["error"] = f"cannot be decoded: {error}"
     return info
+
+
+def _is_identified_image(path: Path) -> bool:
+    """Return whether Pillow identifies the file as an image from its header alone.
+
+    A file that fails here is the one ``inspect_image`` reports as "not an image that Pillow can
+    identify"; a damaged or unreadable image file still counts as an image.
+    """
+    try:
+        with Image.open(path):
+            return True
+    except UnidentifiedImageError:
+        return False
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return True
 
 
 def _inspect_all(candidates: pd.DataFrame) -> pd.DataFrame:
