@@ -396,15 +396,20 @@ def test_group_leakage_from_manifest(tree):
     assert len(report.leaked_sample_ids("valid")) == 6
 
 
-def test_manifest_paths_not_found_warn(tmp_path):
-    root = tmp_path / "m"
+def manifest_tree(root: Path, extra_row: dict) -> Path:
+    """Write six images per class (three train, three valid) and a manifest listing them, then ``extra_row``."""
     rows = []
     for label, name in enumerate(("negative", "positive")):
         for index in range(6):
             save(smooth_image(index + 10 * label), root / name / f"{index}.png")
             rows.append({"path": f"{name}/{index}.png", "label": name, "split": "train" if index < 3 else "valid"})
-    rows.append({"path": "positive/deleted.png", "label": "positive", "split": "valid"})
+    rows.append(extra_row)
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+def test_manifest_paths_not_found_warn(tmp_path):
+    root = manifest_tree(tmp_path / "m", {"path": "positive/deleted.png", "label": "positive", "split": "valid"})
 
     report = audit.audit_data(root)
 
@@ -415,14 +420,8 @@ def test_manifest_paths_not_found_warn(tmp_path):
 
 
 def test_manifest_repeated_paths_warn(tmp_path):
-    root = tmp_path / "m"
-    rows = []
-    for label, name in enumerate(("negative", "positive")):
-        for index in range(6):
-            save(smooth_image(index + 10 * label), root / name / f"{index}.png")
-            rows.append({"path": f"{name}/{index}.png", "label": name, "split": "train" if index < 3 else "valid"})
-    rows.append({"path": "positive/0.png", "label": "positive", "split": "valid"})  # row 13 repeats row 7
-    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    # Row 13 repeats row 7, the first positive image.
+    root = manifest_tree(tmp_path / "m", {"path": "positive/0.png", "label": "positive", "split": "valid"})
 
     report = audit.audit_data(root)
 

@@ -302,7 +302,7 @@ def test_run_rejects_fine_tuning_of_small_cnn(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../elsewhere", "a/b", "/tmp/x", "a\\b", " ", "~", ".hidden", "two\nlines"])
-def test_run_rejects_name_that_is_not_a_folder_name(tmp_path, capsys, monkeypatch, name):
+def test_run_rejects_invalid_name(tmp_path, capsys, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
 
     status = cli.main(["run", "--name", name])
@@ -391,27 +391,33 @@ def test_notebook_training_rejects_a_finished_run_directory(split_tree, tmp_path
     assert (run_dir / "history.csv").read_text() == "epoch,loss\n1,0.5\n"
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_training_and_keeps_finished_epochs(tiny_synthetic, tmp_path):
+def _interrupt_after_epoch(arguments: list[str], run_dir, epoch: int) -> tuple[int, str, str]:
+    """Start ``cellnb ARGUMENTS``, send it SIGINT once progress.json reaches ``epoch``; return its status and output."""
     import signal
     import time
 
-    run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cellnb.cli", "run", "--data-dir", str(tiny_synthetic), "--run-dir", str(run_dir),
-         "-p", "epochs", "200", "-p", "image_size", "32", "-p", "batch_size", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
-    )
+    process = subprocess.Popen([sys.executable, "-m", "cellnb.cli", *arguments],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+    progress_path = run_dir / "progress.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        progress = json.loads((run_dir / "progress.json").read_text()) if (run_dir / "progress.json").exists() else {}
-        if progress.get("epoch", 0) >= 2:
+        progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+        if progress.get("epoch", 0) >= epoch:
             break
         time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr
 
-    assert process.returncode == 130, stdout + stderr
+
+@pytest.mark.slow
+def test_ctrl_c_stops_training_and_keeps_finished_epochs(tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    status, stdout, stderr = _interrupt_after_epoch(
+        ["run", "--data-dir", str(tiny_synthetic), "--run-dir", str(run_dir),
+         "-p", "epochs", "200", "-p", "image_size", "32", "-p", "batch_size", "8"], run_dir, 2)
+
+    assert status == 130, stdout + stderr
     assert "training stops after the current epoch" in stdout
     assert f"continue with `cellnb run --resume {run_dir}`" in stderr
     assert "stopped 01_train.ipynb in" in stdout
@@ -428,18 +434,9 @@ def test_ctrl_c_stops_training_and_keeps_finished_epochs(tiny_synthetic, tmp_pat
 
     # A Ctrl-C during --resume stops after an epoch in the same way.
     stopped_after = len(history)
-    process = subprocess.Popen([sys.executable, "-m", "cellnb.cli", "run", "--resume", str(run_dir)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        progress = json.loads((run_dir / "progress.json").read_text())
-        if progress.get("epoch", 0) >= stopped_after + 2:
-            break
-        time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=300)
+    status, stdout, stderr = _interrupt_after_epoch(["run", "--resume", str(run_dir)], run_dir, stopped_after + 2)
 
-    assert process.returncode == 130, stdout + stderr
+    assert status == 130, stdout + stderr
     assert "training stops after the current epoch" in stdout
     assert f"continue with `cellnb run --resume {run_dir}`" in stderr
     history = pd.read_csv(run_dir / "history.csv")

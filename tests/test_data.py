@@ -169,8 +169,8 @@ def test_manifest_layout_skips_unlisted_non_image(tmp_path):
 
 
 def test_manifest_repeated_path_raises(tmp_path):
-    # Rows 1 and 4 are negative/0.png and negative/3.png; the extra rows repeat them as rows 13 and 14,
-    # the second written with a backslash, which names the same file.
+    # The extra rows 13 and 14 repeat rows 1 and 4 (negative/0.png and negative/3.png).
+    # Row 14 is written with a backslash, which names the same file.
     root = _manifest_tree(tmp_path / "m", [
         {"path": "negative/0.png", "label": "negative", "split": "valid"},
         {"path": "negative\\3.png", "label": "negative", "split": "valid"},
